@@ -1,0 +1,1 @@
+"""zoo's built-in weight-source plugins (installed as `zoo.converters`); each module is one plugin."""

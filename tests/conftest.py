@@ -1,0 +1,106 @@
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+TESTS = Path(__file__).parent
+DATA = TESTS / "data"
+sys.path.insert(0, str(TESTS))  # test helpers (caffe_reference, py2pickle) import by name
+
+from caffe_reference import caffe_tensorflow_layout, caffe_weights  # noqa: E402
+
+from zoo.cli import main  # noqa: E402
+from zoo.plugins import reset_plugins  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _fresh_plugins():
+    """Each test sees plugins loaded afresh (tests register extra ones)."""
+    reset_plugins()
+    yield
+    reset_plugins()
+
+
+@pytest.fixture
+def cli(capsys):
+    """Run the zoo CLI in-process: returns (exit code, stdout, stderr)."""
+
+    def run(*argv):
+        try:
+            code = main([str(a) for a in argv])
+        except SystemExit as e:  # argparse usage errors
+            code = e.code
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    return run
+
+
+@pytest.fixture(scope="session")
+def seeded_layers():
+    """The Caffe reference AlexNet's weights in caffe-tensorflow's layout: {layer: (W, b)}."""
+    return caffe_tensorflow_layout(caffe_weights())
+
+
+@pytest.fixture(scope="session")
+def seeded_npy(tmp_path_factory, seeded_layers):
+    """A full-size bvlc_alexnet.npy as newer caffe-tensorflow writes it (np.save of a dict of dicts)."""
+    path = tmp_path_factory.mktemp("npy") / "bvlc_alexnet.npy"
+    np.save(path, {k: {"weights": w, "biases": b} for k, (w, b) in seeded_layers.items()})
+    return path
+
+
+@pytest.fixture(scope="session")
+def seeded_safetensors(tmp_path_factory, seeded_npy):
+    from zoo.convert import convert
+
+    out = tmp_path_factory.mktemp("st") / "bvlc_alexnet.safetensors"
+    convert(seeded_npy, output=out)
+    return out
+
+
+def small_layers(rng=None):
+    """A tiny caffe-tensorflow-style dict that fits the registered `tiny@test` spec (see test plugins)."""
+    rng = rng or np.random.default_rng(0)
+    return {
+        "conv1": [rng.normal(size=(3, 3, 3, 4)).astype(np.float32), rng.normal(size=4).astype(np.float32)],
+        "fc2": [rng.normal(size=(4 * 4 * 4, 3)).astype(np.float32), rng.normal(size=3).astype(np.float32)],
+    }
+
+
+TINY_SPEC = {
+    "family": "tiny",
+    "version": "test",
+    "default": True,
+    "input": {"size": [9, 9], "channels": 3, "channel_order": "RGB", "value_range": [0, 1],
+              "mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]},
+    "layers": [
+        {"name": "conv1", "kind": "conv", "filters": 4, "kernel": 3, "stride": 1, "pad": 0, "activation": "relu"},
+        {"name": "pool1", "kind": "maxpool", "size": 2, "stride": 1},
+        {"name": "pool2", "kind": "maxpool", "size": 3, "stride": 1},
+        {"name": "flatten", "kind": "flatten"},
+        {"name": "fc2", "kind": "dense", "units": 3},
+    ],
+    "head": "fc2",
+    "num_classes": 3,
+}
+
+
+class TinySpecPlugin:
+    """A third-party-style plugin contributing one small spec through the public hook."""
+
+    from zoo.hookspecs import hookimpl
+
+    @hookimpl
+    def zoo_model_specs(self):
+        return [TINY_SPEC]
+
+
+@pytest.fixture
+def tiny_spec():
+    from zoo.plugins import get_plugins
+    from zoo.registry import get_spec
+
+    get_plugins().register(TinySpecPlugin(), name="tiny-specs")
+    return get_spec("tiny@test")

@@ -1,0 +1,226 @@
+"""The `zoo` command. A thin layer over the Python API; model-building commands import TensorFlow lazily.
+
+Exit codes: 0 ok, 1 bad input or a failed check (one line on stderr), 2 usage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from zoo import __version__
+from zoo.errors import ZooError
+
+
+def _print_json(obj):
+    print(json.dumps(obj, indent=2, default=str))
+
+
+def _warn_plugin_failures():
+    from zoo.plugins import get_plugins
+
+    for info in get_plugins().failures:
+        print(f"zoo: warning: plugin {info.name!r} ({info.package} {info.version}) not loaded: {info.error}", file=sys.stderr)
+
+
+# --- list / info ------------------------------------------------------------------------------------
+
+
+def _input_summary(spec) -> str:
+    i = spec.input
+    h, w = i["size"]
+    lo, hi = i["value_range"]
+    return f"{h}x{w} {i['channel_order']} in [{lo}, {hi}], minus mean {i['mean']}, divided by std {i['std']}"
+
+
+def cmd_list(args):
+    from zoo.registry import families
+
+    fams = families()
+    if args.json:
+        _print_json({f: [{"id": s.id, "default": s.default, "num_params": s.num_params, "fingerprint": s.fingerprint,
+                          "description": s.description, "origin": s.origin} for s in versions]
+                     for f, versions in sorted(fams.items())})
+        return 0
+    for family, versions in sorted(fams.items()):
+        print(family)
+        for s in versions:
+            h, w = s.input["size"]
+            tag = " (default)" if s.default else ""
+            print(f"  {s.id + tag:<28} {s.num_params:>12,} params  {h}x{w} {s.input['channel_order']}  fingerprint {s.fingerprint}")
+    return 0
+
+
+def spec_info(spec) -> dict:
+    return {
+        "id": spec.id,
+        "family": spec.family,
+        "version": spec.version,
+        "default": spec.default,
+        "description": spec.description,
+        "fingerprint": spec.fingerprint,
+        "num_params": spec.num_params,
+        "num_classes": spec.num_classes,
+        "head": spec.head,
+        "input": spec.input,
+        "layers": [{"name": i.name, "kind": i.kind, "config": i.config, "output_shape": list(i.output_shape),
+                    "params": i.num_params,
+                    "tensors": [{"name": t.name, "shape": list(t.shape), "layout": t.layout, "dtype": t.dtype} for t in i.tensors]}
+                   for i in spec.layer_infos],
+        "provenance": spec.provenance,
+        "origin": spec.origin,
+    }
+
+
+def cmd_info(args):
+    from zoo.registry import get_spec
+
+    spec = get_spec(args.name)
+    if args.json:
+        _print_json(spec_info(spec))
+        return 0
+    print(f"{spec.id}{' (default version of ' + spec.family + ')' if spec.default else ''}")
+    print(f"  {spec.description}")
+    print(f"  input        {_input_summary(spec)}; resize {spec.input.get('resize')} then center crop")
+    print(f"  parameters   {spec.num_params:,}    classes {spec.num_classes} (head: {spec.head})    fingerprint {spec.fingerprint}")
+    print()
+    print(f"  {'layer':<9} {'kind':<17} {'output':<14} {'params':>11}  config")
+    for i in spec.layer_infos:
+        cfg = " ".join(f"{k}={v}" for k, v in i.config.items())
+        print(f"  {i.name:<9} {i.kind:<17} {'x'.join(map(str, i.output_shape)):<14} {i.num_params:>11,}  {cfg}")
+    prov = spec.provenance
+    print()
+    for key in ("paper", "origin", "license"):
+        if key in prov:
+            print(f"  {key:<12} {prov[key]}")
+    for fname, hashes in prov.get("reference_files", {}).items():
+        print(f"  {'file':<12} {fname} " + " ".join(f"{k}={v}" for k, v in hashes.items()))
+    for dataset, m in prov.get("metrics", {}).items():
+        print(f"  {'accuracy':<12} {dataset}: " + ", ".join(f"{k} {v}" for k, v in m.items()))
+    return 0
+
+
+# --- convert / verify / plugins ---------------------------------------------------------------------
+
+
+def cmd_convert(args):
+    from zoo.convert import convert
+
+    source, path = args.args if len(args.args) == 2 else (None, args.args[0])
+    options = {}
+    if args.map:
+        try:
+            options["map"] = json.loads(Path(args.map).read_text())
+        except (OSError, ValueError) as e:
+            raise ZooError(f"cannot read the layer mapping ({e})", args.map) from None
+    result = convert(path, source=source, output=args.output, spec=args.spec, options=options)
+    if args.json:
+        _print_json(result.to_dict())
+        return 0
+    for note in result.notes:
+        print(f"note: {note}")
+    print(f"wrote {result.output}: {result.spec} (fingerprint {result.fingerprint}), {result.num_params:,} parameters, "
+          f"verified; source {result.source} sha256 {result.source_sha256[:16]}...")
+    return 0
+
+
+def cmd_verify(args):
+    from zoo.weights import load_weights
+
+    w = load_weights(args.file)
+    report = {"file": str(args.file), "ok": True, "spec": w.spec.id, "fingerprint": w.spec.fingerprint,
+              "num_classes": w.spec.num_classes, "num_params": w.spec.num_params, "metadata": w.metadata}
+    if args.json:
+        _print_json(report)
+    else:
+        print(f"ok: {args.file} holds every tensor of {w.spec.id} ({w.spec.num_classes} classes, fingerprint "
+              f"{w.spec.fingerprint}) with the right shapes and dtypes, all finite; source "
+              f"{w.metadata.get('source_format', '?')} sha256 {w.metadata.get('source_sha256', '?')[:16]}")
+    return 0
+
+
+def cmd_plugins(args):
+    from zoo.convert import weight_sources
+    from zoo.plugins import get_plugins
+    from zoo.registry import all_specs
+
+    sources = weight_sources()
+    specs = all_specs()
+    rows = []
+    for info in get_plugins().infos:
+        rows.append({"name": info.name, "package": info.package, "version": info.version, "module": info.module,
+                     "builtin": info.builtin, "hooks": info.hooks, "error": info.error,
+                     "weight_sources": [n for n, (i, _) in sources.items() if i is info],
+                     "specs": [s for s, spec in specs.items() if spec.origin == info.name]})
+    if args.json:
+        _print_json(rows)
+        return 0
+    for r in rows:
+        what = ", ".join([f"source {s}" for s in r["weight_sources"]] + [f"spec {s}" for s in r["specs"]]) or "-"
+        status = f"FAILED: {r['error']}" if r["error"] else what
+        print(f"{r['name']:<12} {r['package'] + ' ' + r['version']:<26} {'built-in' if r['builtin'] else 'external':<9} {status}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="zoo", description="Versioned model specs, verified weights, fine-tuning and checked exports.")
+    parser.add_argument("--version", action="version", version=f"zoo {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("list", help="model families and their versions")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_list)
+
+    p = sub.add_parser("info", help="layers, parameters, preprocessing and provenance of a model spec")
+    p.add_argument("name", help="family (its default version) or family@version")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("convert", help="convert foreign weights into verified safetensors",
+                       usage="zoo convert [SOURCE] FILE [-o OUT] [--spec NAME@VERSION] [--map MAP.json] [--json]")
+    p.add_argument("args", nargs="+", metavar="[SOURCE] FILE", help="weight source (see `zoo plugins`; recognised from the file when left out) and the file")
+    p.add_argument("-o", "--output", help="output path (default: FILE's stem + .safetensors)")
+    p.add_argument("--spec", help="the spec the weights are for (default: the one whose tensors match)")
+    p.add_argument("--map", help="JSON file mapping the file's layer names to the spec's")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("verify", help="re-check a weights file against its spec")
+    p.add_argument("file")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_verify)
+
+    p = sub.add_parser("plugins", help="loaded plugins, their package, version and what they provide")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_plugins)
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "convert" and len(args.args) > 2:
+        parser.error("convert takes [SOURCE] FILE")
+    try:
+        _warn_plugin_failures()
+        return args.func(args)
+    except ZooError as e:
+        if args.debug:
+            raise
+        print(f"zoo: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("zoo: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:
+        if args.debug:
+            raise
+        print(f"zoo: unexpected {type(e).__name__}: {e} (a bug; run with --debug for the traceback)", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

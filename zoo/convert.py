@@ -1,0 +1,105 @@
+"""`zoo convert`: pick a weight source, read the foreign file, write verified safetensors."""
+
+from __future__ import annotations
+
+import json
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from zoo.errors import ZooError
+from zoo.plugins import PluginInfo, get_plugins
+from zoo.registry import get_spec
+from zoo.spec import ModelSpec
+from zoo.weights import save_weights, sha256_file
+
+
+@dataclass
+class ConvertResult:
+    output: Path
+    spec: str
+    fingerprint: str
+    source: str
+    source_sha256: str
+    num_params: int
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {k: str(v) if isinstance(v, Path) else v for k, v in self.__dict__.items()}
+
+
+def weight_sources() -> dict[str, tuple[PluginInfo, object]]:
+    sources = {}
+    for info, source in get_plugins().collect("zoo_weight_sources"):
+        if source.name in sources:
+            info.error = f"weight source {source.name!r} is already provided by plugin {sources[source.name][0].name!r}"
+            continue
+        sources[source.name] = (info, source)
+    return sources
+
+
+def pick_source(path: Path, name: str | None):
+    sources = weight_sources()
+    if name:
+        if name not in sources:
+            raise ZooError(f"unknown weight source {name!r}; known: {', '.join(sorted(sources))}")
+        return sources[name]
+    with open(path, "rb") as f:
+        head = f.read(4096)
+    found = [entry for entry in sources.values() if entry[1].sniff(path, head)]
+    if len(found) != 1:
+        what = "no weight source recognises it" if not found else "several sources claim it: " + ", ".join(s.name for _, s in found)
+        raise ZooError(f"{what}; name one: zoo convert {{{','.join(sorted(sources))}}} {path}", path)
+    return found[0]
+
+
+def default_output(path: Path) -> Path:
+    return path.with_name(path.name.split(".")[0] + ".safetensors")
+
+
+def convert(path, source: str | None = None, output=None, spec: str | ModelSpec | None = None,
+            options: dict | None = None) -> ConvertResult:
+    path = Path(path)
+    if not path.is_file():
+        raise ZooError("no such file" if not path.exists() else "not a regular file", path)
+    output = Path(output) if output else default_output(path)
+    if output.resolve() == path.resolve():
+        raise ZooError("output would overwrite the input", output)
+    requested = get_spec(spec) if spec else None
+    info, reader = pick_source(path, source)
+    if requested and reader.produces and requested.id not in reader.produces:
+        raise ZooError(f"source {reader.name!r} produces {', '.join(reader.produces)}, not {requested.id}", path)
+    # hash the source on the other core while it is parsed (hashlib releases the GIL)
+    with ThreadPoolExecutor(1) as pool:
+        digest = pool.submit(sha256_file, path)
+        try:
+            imported = reader.read(path, requested, dict(options or {}))
+        except ZooError:
+            raise
+        except OSError as e:
+            raise ZooError(f"cannot read: {e.strerror or e}", path) from None
+        source_sha256 = digest.result()
+    target = imported.spec if isinstance(imported.spec, ModelSpec) else get_spec(imported.spec)
+    if requested and requested.id != target.id:
+        raise ZooError(f"the file holds {target.id}, not {requested.id}", path)
+    tensors = {}
+    for name, arr in imported.tensors.items():
+        want = np.dtype(target.tensors[name].dtype) if name in target.tensors else arr.dtype
+        if arr.dtype != want and np.issubdtype(arr.dtype, np.floating):
+            imported.notes.append(f"{name}: {arr.dtype} converted to {want}")
+            arr = arr.astype(want)
+        tensors[name] = arr
+    metadata = imported.metadata | {
+        "source_format": imported.source_format or reader.format,
+        "source_file": path.name,
+        "source_sha256": source_sha256,
+        "plugin": info.name,
+        "plugin_package": info.package,
+        "plugin_version": info.version,
+        "weight_source": reader.name,
+        "notes": json.dumps(imported.notes),
+    }
+    save_weights(output, target, tensors, metadata)
+    return ConvertResult(output, target.id, target.fingerprint, reader.name, source_sha256, target.num_params, imported.notes)
