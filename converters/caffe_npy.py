@@ -8,7 +8,8 @@ convs, (in, out) dense with fc6 rows in H,W,C order), which is zoo's canonical l
 
 from __future__ import annotations
 
-import os
+import io
+import tokenize
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +18,7 @@ from numpy.lib import format as npy_format
 from zoo import safe_pickle
 from zoo.errors import ZooError
 from zoo.hookspecs import hookimpl
-from zoo.sources import Imported, WeightSource, match_spec
+from zoo.sources import Imported, WeightSource, map_file, match_spec
 
 _NPY_MAGIC = b"\x93NUMPY"
 
@@ -28,17 +29,17 @@ def _text(key) -> str:
 
 def read_npy_object(path: Path):
     """The object pickled inside an object-dtype .npy file, read through the restricted unpickler."""
-    with open(path, "rb") as f:
-        try:
-            version = npy_format.read_magic(f)
-            read_header = npy_format.read_array_header_1_0 if version == (1, 0) else npy_format.read_array_header_2_0
-            shape, _, dtype = read_header(f)
-        except (ValueError, SyntaxError, EOFError) as e:
-            raise ZooError(f"not a valid .npy file ({e})", path) from None
-        if dtype != object:
-            raise ZooError(f"holds a plain {dtype} array of shape {shape}, not caffe-tensorflow's dict of layers", path)
-        remaining = os.fstat(f.fileno()).st_size - f.tell()
-        arr = safe_pickle.load(f, remaining, path=path)
+    data = map_file(path)  # arrays become views of the mapped file: no copy of the weights
+    f = io.BytesIO(data[:65536])  # numpy's header parser wants a file; headers are far shorter
+    try:
+        version = npy_format.read_magic(f)
+        read_header = npy_format.read_array_header_1_0 if version == (1, 0) else npy_format.read_array_header_2_0
+        shape, _, dtype = read_header(f)
+    except (ValueError, SyntaxError, EOFError, TypeError, tokenize.TokenError) as e:  # numpy parses the header
+        raise ZooError(f"not a valid .npy file ({e})", path) from None
+    if dtype != object:
+        raise ZooError(f"holds a plain {dtype} array of shape {shape}, not caffe-tensorflow's dict of layers", path)
+    arr = safe_pickle.load(memoryview(data)[f.tell():], path=path)
     if not isinstance(arr, np.ndarray) or arr.shape != ():
         raise ZooError("expected one pickled dict of layers", path)
     return arr.item()

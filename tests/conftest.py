@@ -53,7 +53,7 @@ def seeded_npy(tmp_path_factory, seeded_layers):
 
 @pytest.fixture(scope="session")
 def seeded_safetensors(tmp_path_factory, seeded_npy):
-    from zoo.convert import convert
+    from zoo.conversion import convert
 
     out = tmp_path_factory.mktemp("st") / "bvlc_alexnet.safetensors"
     convert(seeded_npy, output=out)

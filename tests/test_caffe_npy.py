@@ -9,7 +9,7 @@ from py2pickle import save_py2_npy
 from safetensors import safe_open
 
 from zoo import ZooError
-from zoo.convert import convert
+from zoo.conversion import convert
 from zoo.weights import load_weights, sha256_file
 
 
@@ -35,8 +35,9 @@ def test_python2_dict_of_lists_as_in_the_seed_tutorial(tmp_path, cli):
     # numpy itself reads the file the same way (the emitter is faithful to Python 2's cPickle)
     theirs = np.load(src, allow_pickle=True, encoding="latin1").item()
     np.testing.assert_array_equal(theirs["fc2"][0], layers["fc2"][0])
-    from zoo.plugins import get_plugins
     from conftest import TinySpecPlugin
+
+    from zoo.plugins import get_plugins
 
     get_plugins().register(TinySpecPlugin(), name="tiny-specs")
     code, out, err = cli("convert", "caffe", src, "-o", tmp_path / "out.safetensors")

@@ -23,8 +23,8 @@ def create_model(name, weights=None, num_classes=None, **kwargs):
 
 
 def convert(path, source=None, output=None, spec=None, options=None):
-    """Convert a foreign weights file to verified safetensors; see zoo.convert."""
-    from zoo.convert import convert as _convert
+    """Convert a foreign weights file to verified safetensors; see zoo.conversion."""
+    from zoo.conversion import convert as _convert
 
     return _convert(path, source=source, output=output, spec=spec, options=options)
 

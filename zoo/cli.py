@@ -19,9 +19,9 @@ def _print_json(obj):
 
 
 def _warn_plugin_failures():
-    from zoo.plugins import get_plugins
+    from zoo.plugins import loaded_plugins
 
-    for info in get_plugins().failures:
+    for info in loaded_plugins().failures if loaded_plugins() else ():
         print(f"zoo: warning: plugin {info.name!r} ({info.package} {info.version}) not loaded: {info.error}", file=sys.stderr)
 
 
@@ -106,7 +106,7 @@ def cmd_info(args):
 
 
 def cmd_convert(args):
-    from zoo.convert import convert
+    from zoo.conversion import convert
 
     source, path = args.args if len(args.args) == 2 else (None, args.args[0])
     options = {}
@@ -142,7 +142,7 @@ def cmd_verify(args):
 
 
 def cmd_plugins(args):
-    from zoo.convert import weight_sources
+    from zoo.conversion import weight_sources
     from zoo.plugins import get_plugins
     from zoo.registry import all_specs
 
@@ -205,7 +205,6 @@ def main(argv=None) -> int:
     if args.command == "convert" and len(args.args) > 2:
         parser.error("convert takes [SOURCE] FILE")
     try:
-        _warn_plugin_failures()
         return args.func(args)
     except ZooError as e:
         if args.debug:
@@ -220,6 +219,8 @@ def main(argv=None) -> int:
             raise
         print(f"zoo: unexpected {type(e).__name__}: {e} (a bug; run with --debug for the traceback)", file=sys.stderr)
         return 1
+    finally:
+        _warn_plugin_failures()  # after the command: a hook can fail while it runs
 
 
 if __name__ == "__main__":

@@ -108,6 +108,11 @@ def get_plugins() -> Plugins:
     return _plugins
 
 
+def loaded_plugins() -> Plugins | None:
+    """The plugins if something already loaded them, without loading them."""
+    return _plugins
+
+
 def reset_plugins():
     """Forget the loaded plugins (tests; after installing a plugin in-process)."""
     global _plugins

@@ -4,12 +4,11 @@
 foreign file therefore run foreign code (CVE-2019-6446). Here `find_class` answers only from an
 explicit allow-list, and even numpy's own reconstructors are replaced by stand-ins that check every
 shape against the bytes actually present before any array exists. Reads are bounded by the file's
-size, so a header claiming 100 GB fails before anything is allocated.
+size, so a header claiming 100 GB fails before anything is allocated; big blobs are not copied.
 """
 
 from __future__ import annotations
 
-import io
 import math
 import pickle
 import struct
@@ -26,38 +25,52 @@ class UnsafePickle(ZooError):
     pass
 
 
-class BoundedReader(io.RawIOBase):
-    """A read-only view of `file` that refuses any read past `limit` bytes before allocating for it."""
+class BufferReader:
+    """A file-like reader over a buffer (an mmap'ed file, bytes) for the unpickler.
 
-    def __init__(self, file, limit: int):
-        self._file = file
-        self.remaining = limit
+    A read past the end fails before anything is allocated for it; large reads come back as
+    zero-copy memoryviews, so arrays built on them share the mapped file's pages.
+    """
 
-    def readable(self):
-        return True
+    ZERO_COPY_MIN = 1 << 16  # smaller reads are bytes: they may become dict keys or strings
 
-    def _claim(self, n: int) -> int:
+    def __init__(self, buffer):
+        self._buf = memoryview(buffer).cast("B")
+        self._pos = 0
+
+    @property
+    def remaining(self) -> int:
+        return len(self._buf) - self._pos
+
+    def _take(self, n) -> memoryview:
         if n is None or n < 0:
             n = self.remaining
         if n > self.remaining:
             raise EOFError(f"data claims {n} bytes where only {self.remaining} remain")
-        return n
+        view = self._buf[self._pos:self._pos + n]
+        self._pos += n
+        return view
 
     def read(self, n=-1):
-        data = self._file.read(self._claim(n))
-        self.remaining -= len(data)
-        return data
+        view = self._take(n)
+        return view if len(view) >= self.ZERO_COPY_MIN else view.tobytes()
 
     def readinto(self, buffer):
-        view = memoryview(buffer).cast("B")
-        got = self._file.readinto(view[: self._claim(len(view))])
-        self.remaining -= got
-        return got
+        out = memoryview(buffer).cast("B")
+        view = self._take(min(len(out), self.remaining))
+        out[:len(view)] = view
+        return len(view)
 
     def readline(self, size=-1):
-        line = self._file.readline(min(self.remaining, size) if size is not None and size >= 0 else self.remaining)
-        self.remaining -= len(line)
-        return line
+        # only GLOBAL/INST opcodes read lines (module and attribute names): scan a little at a time
+        end = len(self._buf) if size is None or size < 0 else min(len(self._buf), self._pos + size)
+        pos = self._pos
+        while pos < end:
+            i = bytes(self._buf[pos:min(pos + 256, end)]).find(b"\n")
+            if i >= 0:
+                return self._take(pos + i + 1 - self._pos).tobytes()
+            pos += 256
+        return self._take(end - self._pos).tobytes()
 
 
 class _NDArrayClass:
@@ -98,7 +111,7 @@ def _checked_array(data, dtype, shape, order: str) -> np.ndarray:
         for i, item in enumerate(data):
             arr[i] = item
         return arr.reshape(shape, order=order)
-    if not isinstance(data, (bytes, bytearray)):
+    if not isinstance(data, (bytes, bytearray, memoryview)):
         raise UnsafePickle(f"array data is a {type(data).__name__}, not bytes")
     if count * dt.itemsize != len(data):
         raise ZooError(f"array of shape {shape} {dt} needs {count * dt.itemsize} bytes, the file holds {len(data)}")
@@ -146,7 +159,11 @@ NUMPY_GLOBALS = {
 }
 
 
-class RestrictedUnpickler(pickle.Unpickler):
+class RestrictedUnpickler(pickle._Unpickler):
+    """pickle's pure-Python unpickler: it asks the reader for each length before allocating for it,
+    where the C one allocates first (a 100 GB claim would be malloc'ed). Weight pickles hold few
+    opcodes and large blobs, so the Python loop costs nothing measurable."""
+
     def __init__(self, file, allowed: dict, persistent_load=None):
         # encoding="bytes": Python 2 strings arrive as bytes, which become array buffers without a copy
         super().__init__(file, encoding="bytes")
@@ -187,10 +204,10 @@ def resolve(obj, depth: int = 0):
     return obj
 
 
-def load(file, limit: int, allowed: dict = NUMPY_GLOBALS, persistent_load=None, path=None):
-    """Unpickle one object from `file` (at most `limit` bytes) with only `allowed` globals."""
+def load(buffer, allowed: dict = NUMPY_GLOBALS, persistent_load=None, path=None):
+    """Unpickle one object from `buffer` (bytes, or a slice of a mapped file) with only `allowed` globals."""
     try:
-        raw = RestrictedUnpickler(BoundedReader(file, limit), allowed, persistent_load).load()
+        raw = RestrictedUnpickler(BufferReader(buffer), allowed, persistent_load).load()
         return resolve(raw)
     except ZooError as e:
         raise type(e)(str(e), path) from None

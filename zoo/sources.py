@@ -7,6 +7,7 @@ The core checks, writes and re-reads the result; a source never writes files.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -133,3 +134,13 @@ def match_spec(tensors: dict[str, np.ndarray], requested: ModelSpec | None, path
         f"tensors match no registered model spec; nearest is {nearest.id}: " + "; ".join(details) + (f" (+{more} more)" if more > 0 else ""),
         path,
     )
+
+
+def map_file(path):
+    """The file's bytes, memory-mapped read-only (zero-copy for readers that slice it); b"" when empty."""
+    import mmap
+
+    with open(path, "rb") as f:
+        if os.fstat(f.fileno()).st_size == 0:
+            return b""
+        return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)

@@ -101,7 +101,7 @@ class ModelSpec:
             )
         except (KeyError, TypeError, ValueError) as e:
             raise ZooError(f"invalid model spec: missing or bad field {e}") from None
-        spec.layer_infos  # validate now, not at first use
+        _ = spec.layer_infos  # validate now, not at first use
         return spec
 
     @classmethod

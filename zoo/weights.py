@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
+import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,8 +31,18 @@ def sha256_file(path, chunk: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
-def check_tensors(spec: ModelSpec, tensors: dict[str, np.ndarray], path=None) -> None:
-    """Raise one ZooError listing every problem: missing, extra, wrong shape or dtype, non-finite."""
+_CHUNK = 1 << 22  # elements/bytes per step when scanning big tensors: bounded temporaries
+
+
+def all_finite(arr: np.ndarray) -> bool:
+    flat = arr.reshape(-1)
+    return all(np.isfinite(flat[i:i + _CHUNK]).all() for i in range(0, flat.size, _CHUNK))
+
+
+def check_tensors(spec: ModelSpec, tensors: dict[str, np.ndarray], path=None, values: bool = True) -> None:
+    """Raise one ZooError listing every problem: missing, extra, wrong shape or dtype, non-finite.
+
+    `values=False` skips the scan for NaN/inf (save_weights does it on the bytes it reads back)."""
     problems = []
     expected = spec.tensors
     missing = [n for n in expected if n not in tensors]
@@ -49,8 +59,12 @@ def check_tensors(spec: ModelSpec, tensors: dict[str, np.ndarray], path=None) ->
             problems.append(f"{name} has shape {tuple(arr.shape)}, spec says {t.shape}")
         elif arr.dtype != np.dtype(t.dtype):
             problems.append(f"{name} is {arr.dtype}, spec says {t.dtype}")
-        elif not np.isfinite(arr).all():
+        elif values and not all_finite(arr):
             problems.append(f"{name} holds NaN or infinite values")
+    _raise_problems(spec, problems, path)
+
+
+def _raise_problems(spec: ModelSpec, problems: list[str], path) -> None:
     if problems:
         raise ZooError(f"weights do not match {spec.id} (fingerprint {spec.fingerprint}): " + "; ".join(problems), path)
 
@@ -68,21 +82,31 @@ def spec_metadata(spec: ModelSpec) -> dict[str, str]:
     }
 
 
-def atomic_output(path: Path):
-    """A temporary file beside `path`, for write-then-rename. Returns its path."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    return Path(tmp)
+def atomic_output(path: Path) -> Path:
+    """A fresh temporary name beside `path`, for write-then-rename.
+
+    Only a name: safetensors writes a new file about 2x faster than into an existing empty one
+    (measured: 0.16 s vs 0.37-0.47 s for 244 MB), so mkstemp's pre-created file is avoided."""
+    return path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(6)}.tmp")
 
 
-def save_weights(path, spec: ModelSpec, tensors: dict[str, np.ndarray], metadata: dict[str, str] | None = None) -> Path:
-    """Check `tensors` against `spec`, write them atomically as safetensors, read back and compare."""
-    from safetensors import safe_open
+_DIGEST_PLACEHOLDER = "0" * 64
+
+
+def save_weights(path, spec: ModelSpec, tensors: dict[str, np.ndarray], metadata: dict[str, str] | None = None,
+                 pending_digests: dict | None = None) -> Path:
+    """Check `tensors` against `spec`, write them atomically as safetensors, read back and compare.
+
+    `pending_digests` maps metadata keys to futures of sha256 hex digests still being computed (the
+    source file's hash, on the other core): the file is written with a placeholder of the same width,
+    which is patched in place once the digest is there, so hashing overlaps writing.
+    """
     from safetensors.numpy import save_file
 
     path = Path(path)
-    check_tensors(spec, tensors, path)
-    meta = {k: str(v) for k, v in (metadata or {}).items()} | spec_metadata(spec)
+    check_tensors(spec, tensors, path, values=False)  # names, shapes, dtypes; values in the read-back pass
+    pending = dict(pending_digests or {})
+    meta = {k: str(v) for k, v in (metadata or {}).items()} | {k: _DIGEST_PLACEHOLDER for k in pending} | spec_metadata(spec)
     # spec order, contiguous and little-endian as safetensors requires (no copy when already so)
     ordered = {n: np.ascontiguousarray(tensors[n], dtype=np.dtype(t.dtype).newbyteorder("<")) for n, t in spec.tensors.items()}
     if not path.parent.is_dir():
@@ -90,16 +114,67 @@ def save_weights(path, spec: ModelSpec, tensors: dict[str, np.ndarray], metadata
     tmp = atomic_output(path)
     try:
         save_file(ordered, tmp, metadata=meta)
-        with safe_open(tmp, framework="numpy") as f:
-            if f.metadata() != meta or set(f.keys()) != set(ordered):
-                raise ZooError("read-back check failed: header differs from what was written", path)
-            for name, arr in ordered.items():
-                if not np.array_equal(f.get_tensor(name), arr):
-                    raise ZooError(f"read-back check failed: {name} differs from what was written", path)
+        _raise_problems(spec, _compare_written(tmp, ordered, path), path)
+        for key, future in pending.items():
+            meta[key] = _patch_header_value(tmp, key, future.result(), path)
+        _compare_header(tmp, ordered, meta, path)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
     return path
+
+
+def _patch_header_value(tmp: Path, key: str, value: str, path: Path) -> str:
+    """Overwrite the placeholder value of metadata `key` in the JSON header, in place (same width)."""
+    if len(value) != len(_DIGEST_PLACEHOLDER):
+        raise ZooError(f"{key} is not a sha256 hex digest: {value!r}", path)
+    with open(tmp, "r+b") as f:
+        header_len = int.from_bytes(f.read(8), "little")
+        header = f.read(header_len)
+        needle = json.dumps(key).encode() + b":" + json.dumps(_DIGEST_PLACEHOLDER).encode()
+        if header.count(needle) != 1:
+            raise ZooError(f"cannot find the {key} placeholder in the header", path)
+        f.seek(8 + header.index(needle) + len(needle) - len(_DIGEST_PLACEHOLDER) - 1)
+        f.write(value.encode())
+    return value
+
+
+def _compare_header(tmp: Path, tensors: dict[str, np.ndarray], meta: dict[str, str], path: Path) -> None:
+    """safetensors itself must parse the file to the metadata and tensor names that were meant."""
+    from safetensors import safe_open
+
+    with safe_open(tmp, framework="numpy") as f:
+        if f.metadata() != meta or set(f.keys()) != set(tensors):
+            raise ZooError("read-back check failed: header differs from what was written", path)
+
+
+def _compare_written(tmp: Path, tensors: dict[str, np.ndarray], path: Path) -> list[str]:
+    """Read the written tensors back and compare their bytes with the originals, through a small
+    buffer (no second copy of the model in memory); returns the tensors holding NaN or inf."""
+    non_finite = []
+    buf = np.empty(_CHUNK, np.uint8)
+    with open(tmp, "rb") as f:
+        header_len = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(header_len))
+        base = 8 + header_len
+        for name, arr in tensors.items():
+            entry = header[name]
+            if entry["shape"] != list(arr.shape):
+                raise ZooError(f"read-back check failed: {name} has shape {entry['shape']}", path)
+            data = arr.reshape(-1).view(np.uint8)
+            start, end = entry["data_offsets"]
+            if end - start != data.size:
+                raise ZooError(f"read-back check failed: {name} has {end - start} bytes, not {data.size}", path)
+            f.seek(base + start)
+            finite = True
+            for i in range(0, data.size, _CHUNK):
+                n = f.readinto(buf[: min(_CHUNK, data.size - i)])
+                if not np.array_equal(buf[:n], data[i:i + n]) or n != min(_CHUNK, data.size - i):
+                    raise ZooError(f"read-back check failed: {name} differs from what was written", path)
+                finite = finite and bool(np.isfinite(buf[:n].view(arr.dtype)).all())
+            if not finite:
+                non_finite.append(f"{name} holds NaN or infinite values")
+    return non_finite
 
 
 @dataclass

@@ -71,35 +71,37 @@ def convert(path, source: str | None = None, output=None, spec: str | ModelSpec 
     info, reader = pick_source(path, source)
     if requested and reader.produces and requested.id not in reader.produces:
         raise ZooError(f"source {reader.name!r} produces {', '.join(reader.produces)}, not {requested.id}", path)
-    # hash the source on the other core while it is parsed (hashlib releases the GIL)
+    # hash the source on the other core while it is parsed and written (hashlib releases the GIL)
     with ThreadPoolExecutor(1) as pool:
         digest = pool.submit(sha256_file, path)
         try:
             imported = reader.read(path, requested, dict(options or {}))
-        except ZooError:
-            raise
         except OSError as e:
             raise ZooError(f"cannot read: {e.strerror or e}", path) from None
-        source_sha256 = digest.result()
+        result = _write(path, output, requested, imported, info, reader, digest)
+    return result
+
+
+def _write(path, output, requested, imported, info, reader, digest) -> ConvertResult:
     target = imported.spec if isinstance(imported.spec, ModelSpec) else get_spec(imported.spec)
     if requested and requested.id != target.id:
         raise ZooError(f"the file holds {target.id}, not {requested.id}", path)
-    tensors = {}
+    tensors, cast = {}, {}
     for name, arr in imported.tensors.items():
         want = np.dtype(target.tensors[name].dtype) if name in target.tensors else arr.dtype
         if arr.dtype != want and np.issubdtype(arr.dtype, np.floating):
-            imported.notes.append(f"{name}: {arr.dtype} converted to {want}")
+            cast.setdefault(f"{arr.dtype} to {want}", []).append(name)
             arr = arr.astype(want)
         tensors[name] = arr
+    imported.notes += [f"converted {how}: {', '.join(names)}" for how, names in cast.items()]
     metadata = imported.metadata | {
         "source_format": imported.source_format or reader.format,
         "source_file": path.name,
-        "source_sha256": source_sha256,
         "plugin": info.name,
         "plugin_package": info.package,
         "plugin_version": info.version,
         "weight_source": reader.name,
         "notes": json.dumps(imported.notes),
     }
-    save_weights(output, target, tensors, metadata)
-    return ConvertResult(output, target.id, target.fingerprint, reader.name, source_sha256, target.num_params, imported.notes)
+    save_weights(output, target, tensors, metadata, pending_digests={"source_sha256": digest})
+    return ConvertResult(output, target.id, target.fingerprint, reader.name, digest.result(), target.num_params, imported.notes)

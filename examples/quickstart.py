@@ -1,0 +1,49 @@
+"""The Caffe path end to end on a built-in example, using the zoo CLI as a user would.
+
+No pretrained weights can be downloaded here, so the example writes a caffe-tensorflow
+`bvlc_alexnet.npy` holding the *seeded random* weights for which tests/data has real BVLC Caffe
+outputs, converts it, verifies it, and checks that the TensorFlow model computes what Caffe computed.
+Replace the .npy with the real bvlc_alexnet.npy and the same commands give you pretrained AlexNet.
+"""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+from caffe_reference import caffe_input, caffe_tensorflow_layout, caffe_weights  # noqa: E402
+
+OUT = ROOT / "example"
+
+
+def zoo(*args):
+    print("$ zoo", " ".join(map(str, args)), flush=True)
+    subprocess.run([sys.executable, "-m", "zoo", *map(str, args)], check=True)
+
+
+def main():
+    OUT.mkdir(exist_ok=True)
+    npy = OUT / "seeded_alexnet.npy"
+    print(f"writing {npy} (seeded random weights in caffe-tensorflow's layout, NOT pretrained)")
+    np.save(npy, {k: [w, b] for k, (w, b) in caffe_tensorflow_layout(caffe_weights()).items()})
+    zoo("list")
+    zoo("convert", "caffe", npy, "-o", OUT / "seeded_alexnet.safetensors")
+    zoo("verify", OUT / "seeded_alexnet.safetensors")
+
+    import zoo as zoo_api
+
+    model = zoo_api.create_model("alexnet", weights=OUT / "seeded_alexnet.safetensors")
+    logits = model.predict(caffe_input(), verbose=0)
+    ref = np.load(ROOT / "tests" / "data" / "caffe_alexnet_seed1234.npz")["fc8"]
+    err = np.abs(logits - ref).max() / np.abs(ref).max()
+    same_top5 = (np.argsort(-logits, 1)[:, :5] == np.argsort(-ref, 1)[:, :5]).all()
+    print(f"TensorFlow vs real BVLC Caffe fc8: max error {err:.2e} of the logits' scale, top-5 identical: {same_top5}")
+    if err > 1e-4 or not same_top5:
+        sys.exit("parity with Caffe FAILED")
+
+
+if __name__ == "__main__":
+    main()
