@@ -18,7 +18,7 @@ from numpy.lib import format as npy_format
 from zoo import safe_pickle
 from zoo.errors import ZooError
 from zoo.hookspecs import hookimpl
-from zoo.sources import Imported, WeightSource, map_file, match_spec
+from zoo.sources import Imported, Layer, WeightSource, fit_layers, map_file, mapping_notes
 
 _NPY_MAGIC = b"\x93NUMPY"
 
@@ -45,11 +45,11 @@ def read_npy_object(path: Path):
     return arr.item()
 
 
-def layer_tensors(obj, path) -> dict[str, np.ndarray]:
-    """{layer: [W, b]} or {layer: {'weights': W, 'biases': b}} -> {'layer.kernel': W, 'layer.bias': b}."""
+def npy_layers(obj, path) -> dict[str, Layer]:
+    """{layer: [W, b]} or {layer: {'weights': W, 'biases': b}} -> {layer: (W, b)}."""
     if not isinstance(obj, dict) or not obj:
         raise ZooError(f"expected a dict of layers, found {type(obj).__name__}", path)
-    tensors = {}
+    layers = {}
     for key, value in obj.items():
         layer = _text(key)
         if isinstance(value, dict):
@@ -57,18 +57,16 @@ def layer_tensors(obj, path) -> dict[str, np.ndarray]:
             extra = set(value) - {"weights", "biases"}
             if extra or "weights" not in value:
                 raise ZooError(f"layer {layer!r} has parameters {sorted(value)}; zoo reads weights and biases", path)
-            pair = [value["weights"], value.get("biases")]
+            pair = (value["weights"], value.get("biases"))
         elif isinstance(value, (list, tuple)) and 1 <= len(value) <= 2:
-            pair = list(value) + [None] * (2 - len(value))
+            pair = (value[0], value[1] if len(value) == 2 else None)
         else:
             raise ZooError(f"layer {layer!r}: expected [weights, biases], found {type(value).__name__}", path)
-        for suffix, arr in zip(("kernel", "bias"), pair):
-            if arr is None:
-                continue
-            if not isinstance(arr, np.ndarray) or not np.issubdtype(arr.dtype, np.floating):
-                raise ZooError(f"layer {layer!r}: {suffix} is not a float array", path)
-            tensors[f"{layer}.{suffix}"] = arr
-    return tensors
+        for what, arr in zip(("weights", "biases"), pair):
+            if arr is not None and (not isinstance(arr, np.ndarray) or not np.issubdtype(arr.dtype, np.floating)):
+                raise ZooError(f"layer {layer!r}: {what} is not a float array", path)
+        layers[layer] = pair
+    return layers
 
 
 class CaffeNpy(WeightSource):
@@ -80,9 +78,8 @@ class CaffeNpy(WeightSource):
         return head.startswith(_NPY_MAGIC) and b"'descr': '|O'" in head[:512]
 
     def read(self, path, spec, options):
-        tensors = layer_tensors(read_npy_object(path), path)
-        target = match_spec(tensors, spec, path)
-        return Imported(target, tensors, source_format="caffe-tensorflow-npy")
+        fit = fit_layers(npy_layers(read_npy_object(path), path), spec, path, mapping=options.get("map"))
+        return Imported(fit.spec, fit.tensors, notes=mapping_notes(fit), source_format="caffe-tensorflow-npy")
 
 
 @hookimpl

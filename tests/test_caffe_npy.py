@@ -81,7 +81,7 @@ def _bad(tmp_path, layers, name="bad.npy"):
 @pytest.mark.parametrize("edit, message", [
     (lambda d: d.pop("fc2"), r"fc2\.kernel: missing"),
     (lambda d: d.update(conv1=[np.zeros((5, 5, 3, 4), np.float32), d["conv1"][1]]), r"\(5, 5, 3, 4\) != \(3, 3, 3, 4\)"),
-    (lambda d: d.update(extra=[np.zeros(3, np.float32)]), r"extra\.kernel: not in the spec"),
+    (lambda d: d.update(extra=[np.zeros(3, np.float32)]), r"extra: no layer 'extra' in the spec"),
 ])
 def test_mismatched_tensors_are_listed(tmp_path, tiny_spec, cli, edit, message):
     layers = small_layers()

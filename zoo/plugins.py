@@ -22,6 +22,7 @@ ALLOW_ENV = "ZOO_PLUGINS"
 BUILTIN_PLUGINS = {
     "specs": "zoo.specs",
     "caffe": "zoo.converters.caffe_npy",
+    "torch": "zoo.converters.torch_pth",
 }
 
 

@@ -51,26 +51,33 @@ def conv_from_oihw(w: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(w.transpose(2, 3, 1, 0))
 
 
+_ROWS = 64  # rows per block in big transposes: a 64-row slab stays in cache, a whole-matrix .T does not (2.5x slower)
+
+
+def _blocked_transpose(w: np.ndarray, block) -> np.ndarray:
+    """(out, in) -> (in', out), applying `block` to each slab of 64 rows (in' may reorder `in`)."""
+    out = np.empty((w.shape[1], w.shape[0]), dtype=w.dtype)
+    for i in range(0, w.shape[0], _ROWS):
+        out[:, i:i + _ROWS] = block(w[i:i + _ROWS])
+    return out
+
+
 def dense_from_out_in(w: np.ndarray) -> np.ndarray:
     """Caffe/PyTorch fully connected weight (out, in) -> canonical (in, out)."""
-    return np.ascontiguousarray(w.T)
+    return _blocked_transpose(w, lambda rows: rows.T)
 
 
 def dense_from_chw_flatten(w: np.ndarray, chw: tuple[int, int, int]) -> np.ndarray:
     """(out, C*H*W) weight of a dense layer after a C,H,W flatten -> canonical (H*W*C, out)."""
     c, h, wd = chw
-    out = w.shape[0]
-    return np.ascontiguousarray(w.reshape(out, c, h, wd).transpose(2, 3, 1, 0).reshape(h * wd * c, out))
+    return _blocked_transpose(w, lambda rows: rows.reshape(len(rows), c, h, wd).transpose(2, 3, 1, 0).reshape(h * wd * c, len(rows)))
 
 
 def flatten_input_chw(spec: ModelSpec, layer: str) -> tuple[int, int, int] | None:
     """(C, H, W) of the feature map flattened right before dense `layer`, or None if not after a flatten."""
     infos = spec.layer_infos
-    names = [i.name for i in infos]
-    i = names.index(layer)
-    # walk back over layers that do not change values' order (dropout) to the flatten
-    j = i - 1
-    while j >= 0 and infos[j].kind == "dropout":
+    j = spec.layer_names.index(layer) - 1
+    while j >= 0 and infos[j].kind == "dropout":  # dropout keeps the order of values
         j -= 1
     if j < 1 or infos[j].kind != "flatten":
         return None
@@ -78,62 +85,123 @@ def flatten_input_chw(spec: ModelSpec, layer: str) -> tuple[int, int, int] | Non
     return (c, h, w)
 
 
-def foreign_to_canonical(spec: ModelSpec, weights: dict[str, tuple[np.ndarray, np.ndarray]], path=None) -> dict:
-    """Map {layer: (W, b)} in the Caffe/PyTorch layout (OIHW convs, (out, in) dense) onto the spec."""
-    tensors = {}
-    for info in spec.weighted_layers:
-        if info.name not in weights:
-            continue  # reported as missing by the core's check, with all the others
-        w, b = weights[info.name]
-        if info.kind == "conv":
-            if w.ndim != 4:
-                raise ZooError(f"{info.name}: expected a 4-d conv weight, got shape {w.shape}", path)
-            w = conv_from_oihw(w)
+# A layer as read from a file: (weight, bias or None), in the file's own layout.
+Layer = tuple[np.ndarray, "np.ndarray | None"]
+CANONICAL, OIHW = "canonical", "oihw"  # source layouts: zoo's (Keras') own, or Caffe/PyTorch's
+
+
+def layer_to_canonical(spec: ModelSpec, layer: str, weight: np.ndarray, layout: str) -> np.ndarray:
+    """One layer's weight in `layout` -> canonical, using the spec to know conv vs dense and flatten order."""
+    if layout == CANONICAL:
+        return weight
+    if spec.layer(layer).kind == "conv":
+        return conv_from_oihw(weight)
+    chw = flatten_input_chw(spec, layer)
+    if chw and weight.shape[1] == chw[0] * chw[1] * chw[2]:
+        return dense_from_chw_flatten(weight, chw)
+    return dense_from_out_in(weight)
+
+
+@dataclass
+class Fit:
+    spec: ModelSpec
+    tensors: dict[str, np.ndarray]
+    mapping: dict[str, str]  # file layer -> spec layer
+    how: str  # "names", "order" or "map"
+
+
+def _assignments(names: list[str], spec: ModelSpec, mapping: dict | None):
+    wanted = [i.name for i in spec.weighted_layers]
+    if mapping:
+        yield "map", {f: mapping.get(f, f) for f in names}
+        return
+    if set(names) == set(wanted):
+        yield "names", {n: n for n in names}
+    elif len(names) == len(wanted):
+        yield "order", dict(zip(names, wanted))
+
+
+def _source_shape(shape: tuple[int, ...], layout: str) -> tuple[int, ...]:
+    """A canonical kernel shape as it appears in a source `layout`."""
+    if layout == CANONICAL:
+        return shape
+    return (shape[3], shape[2], shape[0], shape[1]) if len(shape) == 4 else (shape[1], shape[0])
+
+
+def _try(spec: ModelSpec, layers: dict[str, Layer], assignment: dict[str, str], layout: str):
+    """Map the layers under `assignment`: (canonical tensors or None, problems, spec re-headed to fit).
+
+    Shapes are checked in the source's layout first, so only a fitting spec pays for the transforms."""
+    mapped, problems = {}, []
+    for fname, pair in layers.items():
+        target = assignment.get(fname, fname)
+        if target in spec.layer_names:
+            mapped[target] = pair
         else:
-            if w.ndim != 2:
-                raise ZooError(f"{info.name}: expected a 2-d dense weight, got shape {w.shape}", path)
-            chw = flatten_input_chw(spec, info.name)
-            w = dense_from_chw_flatten(w, chw) if chw and w.shape[1] == chw[0] * chw[1] * chw[2] else dense_from_out_in(w)
-        tensors[f"{info.name}.kernel"] = w
-        tensors[f"{info.name}.bias"] = b
-    return tensors
+            problems.append(f"{fname}: no layer {target!r} in the spec")
+    head = mapped.get(spec.head)
+    if head is not None and head[1] is not None and head[1].ndim == 1 and head[1].shape[0] > 0:
+        spec = spec.with_num_classes(head[1].shape[0])  # a fine-tuned head of another width still fits
+    weighted = {info.name: info for info in spec.weighted_layers}
+    for name, info in weighted.items():
+        kernel, bias = info.tensors
+        w, b = mapped.get(name, (None, None))
+        want = _source_shape(kernel.shape, layout)
+        if w is None:
+            problems.append(f"{kernel.name}: missing")
+        elif tuple(w.shape) != want:
+            problems.append(f"{kernel.name}: {tuple(w.shape)} != {want}")
+        if b is None:
+            problems.append(f"{bias.name}: missing")
+        elif tuple(b.shape) != bias.shape:
+            problems.append(f"{bias.name}: {tuple(b.shape)} != {bias.shape}")
+    problems += [f"{name}: not a weighted layer of the spec" for name in mapped if name not in weighted]
+    if problems:
+        return None, problems, spec
+    tensors = {}
+    for name, (w, b) in mapped.items():
+        tensors[f"{name}.kernel"] = layer_to_canonical(spec, name, w, layout)
+        tensors[f"{name}.bias"] = b
+    return tensors, problems, spec
 
 
-def match_spec(tensors: dict[str, np.ndarray], requested: ModelSpec | None, path=None) -> ModelSpec:
-    """The spec whose tensor names and shapes these are: `requested`, or the one registered spec that fits.
+def fit_layers(layers: dict[str, Layer], requested: ModelSpec | None = None, path=None, layout: str = CANONICAL,
+               mapping: dict[str, str] | None = None) -> Fit:
+    """Find the spec these layers are: by layer names, else by the order of weighted layers (when the
+    counts agree and every shape then fits), or by an explicit `mapping` {file layer: spec layer}.
 
-    A head of another width still fits (a fine-tuned model): the spec is then re-headed to match.
+    Considers `requested` or every registered spec; exactly one must fit. Shapes are compared after
+    the transform from `layout` to canonical.
     """
     from zoo.registry import all_specs
 
-    def reheaded(spec: ModelSpec) -> ModelSpec:
-        bias = tensors.get(f"{spec.head}.bias")
-        return spec.with_num_classes(bias.shape[0]) if bias is not None and bias.ndim == 1 and bias.shape[0] > 0 else spec
-
-    def misfits(spec: ModelSpec) -> list[str]:
-        want = spec.tensors
-        bad = [n for n in want if n not in tensors or tuple(tensors[n].shape) != want[n].shape]
-        return bad + sorted(n for n in tensors if n not in want)
-
-    candidates = [reheaded(requested)] if requested else [reheaded(s) for s in all_specs().values()]
-    fitting = [s for s in candidates if not misfits(s)]
-    if len(fitting) == 1:
-        return fitting[0]
-    if len(fitting) > 1:
-        raise ZooError(f"tensors fit several specs ({', '.join(s.id for s in fitting)}); choose one with --spec", path)
+    candidates = [requested] if requested else list(all_specs().values())
     if not candidates:
         raise ZooError("no model spec is registered", path)
-    nearest = min(candidates, key=lambda s: len(misfits(s)))
-    details = []
-    for name in misfits(nearest)[:8]:
-        have = tensors.get(name)
-        want = nearest.tensors.get(name)
-        details.append(f"{name}: " + ("missing" if have is None else "not in the spec" if want is None else f"{tuple(have.shape)} != {want.shape}"))
-    more = len(misfits(nearest)) - len(details)
-    raise ZooError(
-        f"tensors match no registered model spec; nearest is {nearest.id}: " + "; ".join(details) + (f" (+{more} more)" if more > 0 else ""),
-        path,
-    )
+    fits, misses = [], []
+    for spec in candidates:
+        # when neither names nor counts line up, report the problems by name
+        for how, assignment in list(_assignments(list(layers), spec, mapping)) or [("names", {})]:
+            tensors, problems, fitted = _try(spec, layers, assignment, layout)
+            if not problems:
+                fits.append(Fit(fitted, tensors, assignment, how))
+                break
+            misses.append((len(problems), spec.id, problems))
+    if len(fits) == 1:
+        return fits[0]
+    if len(fits) > 1:
+        raise ZooError(f"the weights fit several specs ({', '.join(f.spec.id for f in fits)}); choose one with --spec", path)
+    _, spec_id, problems = min(misses)
+    more = f" (+{len(problems) - 8} more)" if len(problems) > 8 else ""
+    raise ZooError(f"the weights match no registered model spec; nearest is {spec_id}: " + "; ".join(problems[:8]) + more, path)
+
+
+def mapping_notes(fit: Fit) -> list[str]:
+    """What to tell the user about a mapping that was not by matching names."""
+    if fit.how == "names":
+        return []
+    pairs = ", ".join(f"{f} -> {t}" for f, t in fit.mapping.items())
+    return [f"layers matched to {fit.spec.id} by {'the given map' if fit.how == 'map' else 'order and shape'}: {pairs}"]
 
 
 def map_file(path):
