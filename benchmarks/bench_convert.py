@@ -1,7 +1,7 @@
 """Benchmark `zoo convert` against the plain way (the format's own loader + safetensors save) in one run.
 
 Each measurement runs in a fresh interpreter so that its peak resident memory (VmHWM) is its own;
-runs alternate between the two ways and the median of `--repeat` runs is reported.
+runs alternate between the two ways, each after os.sync(), and the median of `--repeat` runs is reported.
 
     python benchmarks/bench_convert.py [--repeat 5] [--formats caffe,torch]
 """
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -45,6 +46,13 @@ CASES = {
             "safetensors.numpy.save_file(flat, out)")),
         "zoo": JOB.format(imports="from zoo.conversion import convert", body="convert(src, source='caffe', output=out)"),
     },
+    "torch": {
+        "baseline_label": "torch.load(weights_only=True) + safetensors.numpy.save_file",
+        "baseline": JOB.format(imports="import torch", body=(
+            "sd = torch.load(src, weights_only=True)\n"
+            "safetensors.numpy.save_file({k: v.numpy() for k, v in sd.items()}, out)")),
+        "zoo": JOB.format(imports="from zoo.conversion import convert", body="convert(src, source='torch', output=out)"),
+    },
 }
 
 
@@ -57,10 +65,20 @@ def make_caffe_source(folder: Path) -> Path:
     return path
 
 
-SOURCES = {"caffe": make_caffe_source}
+def make_torch_source(folder: Path) -> Path:
+    """A full-size torchvision AlexNet state dict, saved by torch.save in a separate interpreter."""
+    path = folder / "alexnet.pth"
+    code = (f"import sys, torch; sys.path.insert(0, {str(ROOT / 'tests')!r}); from torch_models import TorchvisionAlexNet; "
+            f"torch.manual_seed(0); torch.save(TorchvisionAlexNet().state_dict(), {str(path)!r})")
+    subprocess.run([sys.executable, "-c", code], check=True)
+    return path
+
+
+SOURCES = {"caffe": make_caffe_source, "torch": make_torch_source}
 
 
 def run(code: str, src: Path, out: Path) -> dict:
+    os.sync()  # start each run with no dirty pages pending: the previous run's write-back must not bill this one
     p = subprocess.run([sys.executable, "-c", code, "x", str(src), str(out)], capture_output=True, text=True, check=True)
     out.unlink()
     return json.loads(p.stdout.strip().splitlines()[-1])

@@ -8,9 +8,11 @@ through the generic matcher: by order and shape of the weighted layers.
 
 from __future__ import annotations
 
+import mmap
 import re
 import struct
 import zipfile
+import zlib
 from collections import OrderedDict
 from pathlib import Path
 
@@ -107,8 +109,8 @@ class TorchFile:
             return memoryview(self.zip.read(name))
         # the data follows the local header: 30 bytes + name + extra field
         start = info.header_offset
-        if start + 30 > len(self.data):
-            raise ZooError(f"{name} lies outside the file", self.path)
+        if not 0 <= start <= len(self.data) - 30 or bytes(self.data[start:start + 4]) != b"PK\x03\x04":
+            raise ZooError(f"{name}: no local zip header where the directory says", self.path)
         name_len, extra_len = struct.unpack("<HH", self.data[start + 26:start + 30])
         begin = start + 30 + name_len + extra_len
         if begin + info.file_size > len(self.data):
@@ -129,17 +131,22 @@ class TorchFile:
             self.storages[(kind.name, key)] = (np.frombuffer(raw, dtype=dtype, count=numel), bfloat16)
         return self.storages[(kind.name, key)]
 
+    def release(self):
+        """Drop the mapped pages from this process's memory (they stay in the page cache; views refault)."""
+        if isinstance(self.data, mmap.mmap):
+            self.data.madvise(mmap.MADV_DONTNEED)
+
     def load(self):
         return safe_pickle.load(self._member(self.prefix + "data.pkl"), ALLOWED, self.persistent_load, self.path)
 
 
-def _tensors_of(obj) -> dict[str, np.ndarray] | None:
+def _tensors_of(obj) -> dict[str, _Tensor] | None:
     if isinstance(obj, dict) and obj and all(isinstance(k, str) and isinstance(v, _Tensor) for k, v in obj.items()):
-        return {k: v.numpy() for k, v in obj.items()}
+        return obj
     return None
 
 
-def state_dict_of(obj, path) -> dict[str, np.ndarray]:
+def state_dict_of(obj, path) -> dict[str, _Tensor]:
     """The state dict inside what training scripts save: plain, under 'state_dict' or 'model', 'module.' prefixes."""
     found = _tensors_of(obj)
     if found is None and isinstance(obj, dict):
@@ -149,8 +156,7 @@ def state_dict_of(obj, path) -> dict[str, np.ndarray]:
                 break
     if found is None and isinstance(obj, dict):
         # a state dict with non-tensor entries mixed in (e.g. num_batches_tracked ints): take the tensors
-        tensors = {k: v for k, v in obj.items() if isinstance(v, _Tensor)}
-        found = {k: v.numpy() for k, v in tensors.items()} or None
+        found = {k: v for k, v in obj.items() if isinstance(k, str) and isinstance(v, _Tensor)} or None
     if not found:
         raise ZooError("found no state dict of tensors (looked at the top level, 'state_dict' and 'model')", path)
     return {re.sub(r"^(module\.)+", "", k): v for k, v in found.items()}
@@ -181,9 +187,17 @@ class TorchStateDict(WeightSource):
         return (head.startswith(b"PK\x03\x04") and b"data.pkl" in head) or head.startswith(_LEGACY_MAGIC)
 
     def read(self, path, spec, options):
-        state = state_dict_of(TorchFile(path).load(), path)
-        fit = fit_layers(state_dict_layers(state, path), spec, path, layout=OIHW, mapping=options.get("map"))
-        return Imported(fit.spec, fit.tensors, notes=mapping_notes(fit), source_format="torch-zip-state-dict")
+        try:
+            torch_file = TorchFile(path)
+            state = state_dict_of(torch_file.load(), path)
+        except (zipfile.BadZipFile, zlib.error, struct.error, NotImplementedError, RuntimeError, EOFError, ValueError) as e:
+            raise ZooError(f"corrupt torch.save zip ({type(e).__name__}: {e})", path) from None
+        widened = [k for k, t in state.items() if t.bfloat16]
+        layers = state_dict_layers({k: t.numpy() for k, t in state.items()}, path)
+        fit = fit_layers(layers, spec, path, layout=OIHW, mapping=options.get("map"))
+        torch_file.release()  # the transposed copies are all that is used from here on
+        notes = [f"converted bfloat16 to float32 (exact): {', '.join(widened)}"] if widened else []
+        return Imported(fit.spec, fit.tensors, notes=notes + mapping_notes(fit), source_format="torch-zip-state-dict")
 
 
 @hookimpl

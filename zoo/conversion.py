@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -104,4 +105,27 @@ def _write(path, output, requested, imported, info, reader, digest) -> ConvertRe
         "notes": json.dumps(imported.notes),
     }
     save_weights(output, target, tensors, metadata, pending_digests={"source_sha256": digest})
-    return ConvertResult(output, target.id, target.fingerprint, reader.name, digest.result(), target.num_params, imported.notes)
+    notes = imported.notes + provenance_notes(target, path.name, digest.result())
+    return ConvertResult(output, target.id, target.fingerprint, reader.name, digest.result(), target.num_params, notes)
+
+
+_HASH_IN_NAME = re.compile(r"-([0-9a-f]{8,64})\.[A-Za-z0-9]+$")  # torch hub: alexnet-owt-7be5be79.pth
+
+
+def provenance_notes(spec: ModelSpec, filename: str, sha256: str) -> list[str]:
+    """Is this the published file? Compares the hash with the spec's reference files and the file's name."""
+    notes = []
+    for ref, hashes in spec.provenance.get("reference_files", {}).items():
+        full, prefix = hashes.get("sha256"), hashes.get("sha256_prefix")
+        if (full and sha256 == full) or (prefix and sha256.startswith(prefix)):
+            notes.append(f"genuine: sha256 {sha256[:16]}... is that of the published {ref} ({spec.provenance.get('origin', '')})")
+        elif ref == filename and (full or prefix):
+            notes.append(f"WARNING: named {ref} but its sha256 ({sha256[:16]}...) is not the published file's")
+    named = _HASH_IN_NAME.search(filename)
+    if named and not notes:
+        if sha256.startswith(named.group(1)):
+            notes.append(f"sha256 starts with {named.group(1)}, as the file's name says")
+        else:
+            notes.append(f"WARNING: the name says sha256 {named.group(1)}..., the file's is {sha256[:len(named.group(1))]}...: "
+                         "not the file published under this name (renamed, re-saved or corrupted)")
+    return notes

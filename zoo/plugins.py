@@ -23,6 +23,7 @@ BUILTIN_PLUGINS = {
     "specs": "zoo.specs",
     "caffe": "zoo.converters.caffe_npy",
     "torch": "zoo.converters.torch_pth",
+    "h5": "zoo.converters.keras_h5",
 }
 
 

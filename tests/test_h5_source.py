@@ -1,0 +1,130 @@
+"""Keras HDF5 weights written by Keras itself: Keras 3 .weights.h5 and legacy model.save .h5."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from zoo import ZooError
+from zoo.conversion import convert
+from zoo.weights import load_weights
+
+
+def keras_tiny(names=True):
+    import keras
+
+    L = keras.layers
+    return keras.Sequential([
+        keras.Input((9, 9, 3)),
+        L.Conv2D(4, 3, activation="relu", name="conv1" if names else None),
+        L.MaxPooling2D(2, 1), L.MaxPooling2D(3, 1), L.Flatten(),
+        L.Dense(3, name="fc2" if names else None),
+    ])
+
+
+@pytest.mark.parametrize("filename", ["w.weights.h5", "model.h5"])
+@pytest.mark.parametrize("names", [True, False])
+def test_keras_files_convert_and_compute_the_same(tmp_path, tiny_spec, cli, filename, names):
+    model = keras_tiny(names)
+    model.set_weights([np.random.default_rng(i).normal(size=w.shape).astype(np.float32) for i, w in enumerate(model.get_weights())])
+    path = tmp_path / filename
+    model.save_weights(path) if filename.endswith(".weights.h5") else model.save(path)
+    code, out, err = cli("convert", path, "-o", tmp_path / "out.safetensors")
+    assert code == 0, err
+    if not names:
+        assert "by order and shape: conv2d" in out and "-> conv1" in out
+    import zoo
+
+    x = np.random.default_rng(9).random((4, 9, 9, 3), dtype=np.float32)
+    ours = zoo.create_model("tiny", weights=tmp_path / "out.safetensors")
+    np.testing.assert_allclose(ours.predict(x, verbose=0), model.predict(x, verbose=0), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_sequential_alexnet_with_default_names_maps_to_bvlc(tmp_path, cli):
+    """A Sequential AlexNet as the second seed article builds it (Keras' auto names), saved by Keras."""
+    import keras
+
+    keras.backend.clear_session()  # Keras' auto names start again at conv2d, dense
+    L = keras.layers
+    model = keras.Sequential([
+        keras.Input((227, 227, 3)),
+        L.Conv2D(96, 11, strides=4, activation="relu"), L.MaxPooling2D(3, 2),
+        L.Conv2D(256, 5, padding="same", groups=2, activation="relu"), L.MaxPooling2D(3, 2),
+        L.Conv2D(384, 3, padding="same", activation="relu"),
+        L.Conv2D(384, 3, padding="same", groups=2, activation="relu"),
+        L.Conv2D(256, 3, padding="same", groups=2, activation="relu"), L.MaxPooling2D(3, 2),
+        L.Flatten(), L.Dense(4096, activation="relu"), L.Dropout(0.5), L.Dense(4096, activation="relu"), L.Dropout(0.5),
+        L.Dense(1000),
+    ])
+    assert model.layers[-1].name == "dense_2"
+    model.save_weights(tmp_path / "alexnet.weights.h5")
+    code, out, err = cli("convert", "h5", tmp_path / "alexnet.weights.h5")
+    assert code == 0, err
+    assert "alexnet@bvlc by order and shape" in out and "conv2d_4 -> conv5" in out and "dense_2 -> fc8" in out
+    w = load_weights(tmp_path / "alexnet.safetensors")
+    np.testing.assert_array_equal(w.tensors["conv4.kernel"], model.layers[5].get_weights()[0])
+
+
+def test_explicit_map_and_spec(tmp_path, tiny_spec, cli):
+    import keras
+
+    L = keras.layers
+    model = keras.Sequential([keras.Input((9, 9, 3)), L.Conv2D(4, 3, name="a"), L.MaxPooling2D(2, 1), L.MaxPooling2D(3, 1),
+                              L.Flatten(), L.Dense(3, name="b")])
+    model.save_weights(tmp_path / "w.weights.h5")
+    (tmp_path / "map.json").write_text(json.dumps({"a": "conv1", "b": "fc2"}))
+    code, out, err = cli("convert", "h5", tmp_path / "w.weights.h5", "--map", tmp_path / "map.json", "--spec", "tiny@test")
+    assert code == 0 and "by the given map: a -> conv1, b -> fc2" in out
+    (tmp_path / "bad.json").write_text(json.dumps({"a": "conv9"}))
+    code, _, err = cli("convert", "h5", tmp_path / "w.weights.h5", "--map", tmp_path / "bad.json")
+    assert code == 1 and "a: no layer 'conv9' in the spec" in err
+    code, _, err = cli("convert", "h5", tmp_path / "w.weights.h5", "--spec", "alexnet@torchvision")
+    assert code == 1 and "nearest is alexnet@torchvision" in err
+
+
+def test_broken_h5_files(tmp_path, tiny_spec, cli):
+    import h5py
+
+    model = keras_tiny()
+    model.save_weights(tmp_path / "good.weights.h5")
+    good = (tmp_path / "good.weights.h5").read_bytes()
+    (tmp_path / "truncated.weights.h5").write_bytes(good[: len(good) // 2])
+    (tmp_path / "empty.h5").write_bytes(b"")
+    with h5py.File(tmp_path / "other.h5", "w") as f:
+        f["x"] = np.zeros(3)
+    with h5py.File(tmp_path / "huge.weights.h5", "w") as f:
+        g = f.create_group("layers/conv1/vars")
+        g.attrs["name"] = "conv1"
+        g.create_dataset("0", shape=(50_000, 50_000, 10), dtype="f4")  # 100 GB declared, nothing stored
+    before = set(os.listdir(tmp_path))
+    for name, message in {"truncated.weights.h5": "", "empty.h5": "", "other.h5": "neither Keras 3",
+                          "huge.weights.h5": "more than any tensor"}.items():
+        code, _, err = cli("convert", "h5", tmp_path / name)
+        assert code == 1 and err.startswith(f"zoo: error: {tmp_path / name}: ") and err.count("\n") == 1, err
+        assert message in err
+    assert set(os.listdir(tmp_path)) == before
+    with pytest.raises(ZooError):
+        convert(tmp_path / "good.weights.h5", source="torch")
+
+
+def test_mutated_h5_files_fail_cleanly(tmp_path, tiny_spec):
+    import random
+
+    keras_tiny().save_weights(tmp_path / "ok.weights.h5")
+    valid = (tmp_path / "ok.weights.h5").read_bytes()
+    rng = random.Random(5)
+    errors = 0
+    for i in range(200):
+        b = bytearray(valid)
+        for _ in range(rng.randint(1, 6)):
+            b[rng.randrange(len(b))] = rng.randrange(256)
+        if i % 4 == 0:
+            del b[rng.randrange(len(b)):]
+        (tmp_path / "m.h5").write_bytes(bytes(b))
+        try:
+            convert(tmp_path / "m.h5", source="h5", output=tmp_path / "m.safetensors")
+        except ZooError:
+            errors += 1
+    assert errors > 40
