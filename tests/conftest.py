@@ -104,3 +104,57 @@ def tiny_spec():
 
     get_plugins().register(TinySpecPlugin(), name="tiny-specs")
     return get_spec("tiny@test")
+
+
+NARROW_SPEC = {
+    "family": "narrow",
+    "version": "test",
+    "default": True,
+    "description": "An AlexNet-shaped test network: LRN, a grouped conv, dropout, fc6-fc8; small enough for CPU tests.",
+    "input": {"size": [32, 32], "channels": 3, "channel_order": "BGR", "value_range": [0, 255],
+              "mean": [104.0, 117.0, 123.0], "std": [64.0, 64.0, 64.0], "resize": 36},
+    "layers": [
+        {"name": "conv1", "kind": "conv", "filters": 8, "kernel": 5, "stride": 2, "pad": 0, "groups": 1, "activation": "relu"},
+        {"name": "norm1", "kind": "lrn", "size": 5, "alpha": 0.0001, "beta": 0.75, "k": 1.0},
+        {"name": "pool1", "kind": "maxpool", "size": 2, "stride": 2},
+        {"name": "conv2", "kind": "conv", "filters": 16, "kernel": 3, "stride": 1, "pad": 1, "groups": 2, "activation": "relu"},
+        {"name": "pool2", "kind": "maxpool", "size": 3, "stride": 2},
+        {"name": "flatten", "kind": "flatten"},
+        {"name": "fc6", "kind": "dense", "units": 32, "activation": "relu"},
+        {"name": "drop6", "kind": "dropout", "rate": 0.5},
+        {"name": "fc7", "kind": "dense", "units": 32, "activation": "relu"},
+        {"name": "drop7", "kind": "dropout", "rate": 0.5},
+        {"name": "fc8", "kind": "dense", "units": 10},
+    ],
+    "head": "fc8",
+    "num_classes": 10,
+}
+
+
+# dropout draws different masks on each replica of a distributed run: this version compares the arithmetic
+NARROW_NO_DROPOUT = dict(NARROW_SPEC, version="nodropout", default=False,
+                         layers=[layer for layer in NARROW_SPEC["layers"] if layer["kind"] != "dropout"])
+
+
+class NarrowSpecPlugin:
+    from zoo.hookspecs import hookimpl
+
+    @hookimpl
+    def zoo_model_specs(self):
+        return [NARROW_SPEC, NARROW_NO_DROPOUT]
+
+
+@pytest.fixture
+def narrow_spec():
+    from zoo.plugins import get_plugins
+    from zoo.registry import get_spec
+
+    get_plugins().register(NarrowSpecPlugin(), name="narrow-specs")
+    return get_spec("narrow@test")
+
+
+@pytest.fixture(scope="session")
+def example_data(tmp_path_factory):
+    from zoo.example import make_example
+
+    return make_example(tmp_path_factory.mktemp("example"), per_class=40, size=48)

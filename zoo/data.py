@@ -1,0 +1,154 @@
+"""Training data: a folder of class folders or the seed's list files, checked up front, as tf.data."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from zoo.errors import ZooError
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png"}
+
+
+@dataclass
+class Samples:
+    paths: list[str]
+    labels: np.ndarray  # int32
+    classes: list[str]
+
+    def __len__(self):
+        return len(self.paths)
+
+
+def _check_image(path: Path, where: str):
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            if im.format not in ("JPEG", "PNG"):
+                raise ZooError(f"{where}: {im.format} image; JPEG and PNG are supported", path)
+    except FileNotFoundError:
+        raise ZooError(f"{where}: no such image", path) from None
+    except (UnidentifiedImageError, OSError) as e:
+        raise ZooError(f"{where}: not a readable image ({e})", path) from None
+
+
+def read_classes_file(path) -> list[str]:
+    try:
+        names = [line.strip() for line in Path(path).read_text().splitlines() if line.strip()]
+    except OSError as e:
+        raise ZooError(f"cannot read classes file: {e.strerror}", path) from None
+    if len(set(names)) != len(names):
+        raise ZooError("class names repeat", path)
+    return names
+
+
+def from_folder(root, val_fraction: float = 0.2, seed: int = 0) -> tuple[Samples, Samples]:
+    """root/<class>/*.jpg; or root/train/<class>/ and root/val/<class>/ when both exist."""
+    root = Path(root)
+    if not root.is_dir():
+        raise ZooError("no such data folder", root)
+    if (root / "train").is_dir() and (root / "val").is_dir():
+        train = _scan(root / "train")
+        val = _scan(root / "val", train.classes)
+        return train, val
+    every = _scan(root)
+    rng = np.random.default_rng(seed)
+    train_idx, val_idx = [], []
+    for label in range(len(every.classes)):  # split each class, so every class is in both
+        idx = np.flatnonzero(every.labels == label)
+        rng.shuffle(idx)
+        n_val = max(1, round(len(idx) * val_fraction))
+        if len(idx) - n_val < 1:
+            raise ZooError(f"class {every.classes[label]!r} has {len(idx)} image(s): too few to split into train and validation", root)
+        val_idx += idx[:n_val].tolist()
+        train_idx += idx[n_val:].tolist()
+    pick = lambda ids: Samples([every.paths[i] for i in ids], every.labels[ids], every.classes)  # noqa: E731
+    return pick(sorted(train_idx)), pick(sorted(val_idx))
+
+
+def _scan(folder: Path, classes: list[str] | None = None) -> Samples:
+    found = sorted(d.name for d in folder.iterdir() if d.is_dir())
+    classes = classes or found
+    if set(found) != set(classes):
+        raise ZooError(f"class folders {found} differ from the training classes {classes}", folder)
+    if len(classes) < 2:
+        raise ZooError(f"found {len(classes)} class folder(s); fine-tuning needs at least 2", folder)
+    paths, labels = [], []
+    for label, name in enumerate(classes):
+        files = sorted(p for p in (folder / name).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        if not files:
+            raise ZooError(f"class folder {name!r} holds no JPEG or PNG image", folder / name)
+        for p in files:
+            _check_image(p, f"class {name}")
+        paths += [str(p) for p in files]
+        labels += [label] * len(files)
+    return Samples(paths, np.array(labels, np.int32), classes)
+
+
+def from_list(list_file, classes: list[str] | None = None) -> Samples:
+    """The seed's format: one `path label` per line; relative paths are relative to the list file."""
+    list_file = Path(list_file)
+    try:
+        lines = list_file.read_text().splitlines()
+    except OSError as e:
+        raise ZooError(f"cannot read list file: {e.strerror}", list_file) from None
+    paths, labels = [], []
+    for n, line in enumerate(lines, 1):
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        parts = line.rsplit(maxsplit=1)
+        where = f"{list_file}:{n}: {line.strip()!r}"
+        if len(parts) != 2 or not parts[1].lstrip("-").isdigit():
+            raise ZooError(f"{where}: expected 'path label'")
+        path = Path(parts[0])
+        path = path if path.is_absolute() else list_file.parent / path
+        label = int(parts[1])
+        if label < 0 or (classes and label >= len(classes)):
+            raise ZooError(f"{where}: label {label} out of range 0..{len(classes) - 1 if classes else '?'}")
+        _check_image(path, where)
+        paths.append(str(path))
+        labels.append(label)
+    if not paths:
+        raise ZooError("list file names no images", list_file)
+    labels = np.array(labels, np.int32)
+    classes = classes or [str(i) for i in range(int(labels.max()) + 1)]
+    return Samples(paths, labels, classes)
+
+
+def epochs_dataset(samples: Samples, spec, batch_size: int, first_epoch: int, epochs: int, seed: int, augment: bool):
+    """Batches for epochs [first_epoch, epochs): each epoch's order and augmentation are a function of
+    (seed, epoch) alone, so a resumed run sees exactly the batches an uninterrupted one would."""
+    import tensorflow as tf
+
+    from zoo.preprocess import tf_eval_image, tf_train_image
+
+    n = len(samples)
+    order = np.stack([np.random.default_rng([seed, e]).permutation(n) for e in range(first_epoch, epochs)]).reshape(-1)
+    position = np.arange(order.size, dtype=np.int64) + first_epoch * n  # unique per (epoch, slot)
+    paths = tf.constant(samples.paths)
+    labels = tf.constant(samples.labels)
+
+    def load(i, pos):
+        data = tf.io.read_file(paths[i])
+        x = tf_train_image(data, spec, tf.stack([tf.cast(seed, tf.int64), pos])) if augment else tf_eval_image(data, spec)
+        return x, labels[i]
+
+    steps = math.ceil(n / batch_size)
+    ds = tf.data.Dataset.from_tensor_slices((order, position)).map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    # batch within each epoch (the last batch of an epoch may be smaller)
+    ds = ds.window(n).flat_map(lambda x, y: tf.data.Dataset.zip((x, y)).batch(batch_size)) if n % batch_size else ds.batch(batch_size)
+    return ds.prefetch(tf.data.AUTOTUNE), steps
+
+
+def eval_dataset(samples: Samples, spec, batch_size: int):
+    import tensorflow as tf
+
+    from zoo.preprocess import tf_eval_image
+
+    ds = tf.data.Dataset.from_tensor_slices((samples.paths, samples.labels))
+    ds = ds.map(lambda p, y: (tf_eval_image(tf.io.read_file(p), spec), y), num_parallel_calls=tf.data.AUTOTUNE)
+    return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)

@@ -1,0 +1,398 @@
+"""The fine-tune engine: any registered spec, layers frozen by name, a new head, Keras fit.
+
+A run folder holds config.json, checkpoints/ (last.keras + state.json each epoch, best.safetensors by
+validation accuracy), metrics.csv, tensorboard/, and at the end weights.safetensors (verified, the new
+head included) and classes.txt. Nothing is created before the inputs are checked.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from zoo.errors import ZooError
+
+OPTIMIZERS = ("sgd", "adam")
+SCHEDULES = ("constant", "cosine", "step")
+STRATEGIES = ("none", "mirrored", "multiworker")
+
+
+@dataclass
+class FinetuneConfig:
+    model: str = "alexnet"
+    head: int | None = None  # classes of the new head (default: the data's)
+    weights: str | None = None
+    data: str | None = None
+    train_list: str | None = None
+    val_list: str | None = None
+    classes: str | None = None  # file with one class name per line
+    train: list[str] | None = None  # layers (or globs) to train; the rest are frozen
+    freeze: list[str] | None = None  # layers (or globs) to freeze; the rest are trained
+    epochs: int = 10
+    batch_size: int = 128
+    lr: float = 0.001
+    optimizer: str = "sgd"
+    momentum: float = 0.9
+    schedule: str = "constant"
+    augment: bool = True
+    cache_features: str = "auto"  # auto | on | off
+    strategy: str = "none"
+    seed: int = 0
+    val_fraction: float = 0.2
+    out: str = "runs/finetune"
+    resume: bool = False
+
+
+@dataclass
+class FinetuneResult:
+    run_dir: Path
+    weights: Path
+    classes: list[str]
+    trained_layers: list[str]
+    cached_features: bool
+    history: list[dict] = field(default_factory=list)
+    best_val_accuracy: float = 0.0
+    images_per_second: float = 0.0
+
+
+def say(message: str):
+    print(f"zoo: {message}", flush=True)
+
+
+# --- inputs -----------------------------------------------------------------------------------------
+
+
+def load_samples(cfg: FinetuneConfig):
+    from zoo import data
+
+    classes = data.read_classes_file(cfg.classes) if cfg.classes else None
+    if cfg.train_list or cfg.val_list:
+        if not (cfg.train_list and cfg.val_list):
+            raise ZooError("give both --train-list and --val-list")
+        train = data.from_list(cfg.train_list, classes)
+        val = data.from_list(cfg.val_list, classes or train.classes)
+        names = classes or [str(i) for i in range(max(len(train.classes), len(val.classes)))]
+        train.classes = val.classes = names
+    else:
+        folder = cfg.data
+        if folder is None:
+            folder = Path(cfg.out).parent / "zoo-example-data"
+            if not folder.is_dir():
+                from zoo.example import make_example
+
+                make_example(folder)
+            say(f"no --data given: training on the built-in example ({folder}: drawn circles vs squares, generated)")
+        train, val = data.from_folder(folder, cfg.val_fraction, cfg.seed)
+        if classes:
+            if len(classes) != len(train.classes):
+                raise ZooError(f"--classes names {len(classes)} classes, the data has {len(train.classes)}", cfg.classes)
+            train.classes = val.classes = classes
+    n = len(train.classes)
+    if n < 2:
+        raise ZooError(f"the data has {n} class(es); fine-tuning needs at least 2")
+    top = int(max(train.labels.max(), val.labels.max()))
+    head = cfg.head or n
+    if top >= head:
+        raise ZooError(f"label {top} is out of range for a head of {head} classes")
+    if head > n:
+        raise ZooError(f"--head {head} is larger than the data's {n} classes")
+    return train, val, head
+
+
+def resolve_trainable(layer_names: list[str], weighted: list[str], train, freeze) -> list[str]:
+    """The weighted layers to train, from --train or --freeze names/globs; unknown names are errors."""
+    if train and freeze:
+        raise ZooError("give --train or --freeze, not both")
+
+    def expand(patterns):
+        chosen = set()
+        for pattern in patterns:
+            hits = fnmatch.filter(layer_names, pattern)
+            if not hits:
+                raise ZooError(f"no layer matches {pattern!r}; layers: {', '.join(layer_names)}")
+            chosen.update(hits)
+        return chosen
+
+    if train:
+        picked = expand(train)
+        return [n for n in weighted if n in picked]
+    frozen = expand(freeze) if freeze else set()
+    return [n for n in weighted if n not in frozen]
+
+
+# --- training helpers -------------------------------------------------------------------------------
+
+
+def _optimizer(cfg: FinetuneConfig, steps_per_epoch: int):
+    import keras
+
+    lr = cfg.lr
+    if cfg.schedule == "cosine":
+        lr = keras.optimizers.schedules.CosineDecay(cfg.lr, decay_steps=max(1, cfg.epochs * steps_per_epoch))
+    elif cfg.schedule == "step":  # x0.1 every third of the run
+        lr = keras.optimizers.schedules.ExponentialDecay(cfg.lr, max(1, cfg.epochs * steps_per_epoch // 3), 0.1, staircase=True)
+    if cfg.optimizer == "adam":
+        return keras.optimizers.Adam(lr)
+    return keras.optimizers.SGD(lr, momentum=cfg.momentum)
+
+
+def _strategy(name: str):
+    import tensorflow as tf
+
+    if name == "mirrored":
+        return tf.distribute.MirroredStrategy()
+    if name == "multiworker":
+        return tf.distribute.MultiWorkerMirroredStrategy()
+    return tf.distribute.get_strategy()
+
+
+def _atomic_write_text(path: Path, text: str):
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _callbacks(run: Path, model, full_model, spec, classes, cfg, gradient_batch):
+    import keras
+    import tensorflow as tf
+
+    from zoo.keras_model import model_tensors
+    from zoo.weights import save_weights
+
+    class Checkpoint(keras.callbacks.Callback):
+        """last.npz + state.json each epoch (temp file, then rename); best.safetensors on a new best."""
+
+        def on_epoch_end(self, epoch, logs=None):
+            ckpt = run / "checkpoints"
+            save_checkpoint(model, ckpt / "last.npz")
+            acc = float((logs or {}).get("val_accuracy", -1))
+            state = json.loads((ckpt / "state.json").read_text()) if (ckpt / "state.json").exists() else {}
+            if acc > state.get("best_val_accuracy", -1):
+                save_weights(ckpt / "best.safetensors", spec, model_tensors(full_model, spec),
+                             {"classes": json.dumps(classes), "epoch": str(epoch + 1), "val_accuracy": f"{acc:.6f}"})
+                state["best_val_accuracy"], state["best_epoch"] = acc, epoch + 1
+            state["epoch"] = epoch + 1
+            _atomic_write_text(ckpt / "state.json", json.dumps(state))
+
+    class GradientHistograms(keras.callbacks.Callback):
+        """Histograms of the trained weights' gradients on a fixed batch (Keras' TensorBoard logs weights).
+
+        Dropout off (training=False): a training-mode call would draw from the dropout RNGs and make a
+        resumed run differ from an uninterrupted one."""
+
+        def __init__(self):
+            super().__init__()
+            self.writer = tf.summary.create_file_writer(str(run / "tensorboard" / "gradients"))
+
+        def on_epoch_end(self, epoch, logs=None):
+            x, y = gradient_batch
+            loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+            with tf.GradientTape() as tape:
+                loss = loss_fn(y, model(x, training=False))
+            grads = tape.gradient(loss, model.trainable_variables)
+            with self.writer.as_default(step=epoch):
+                for var, grad in zip(model.trainable_variables, grads):
+                    if grad is not None:
+                        tf.summary.histogram(f"{var.path}/gradient", grad)
+
+    class Progress(keras.callbacks.Callback):
+        """A bar with loss, accuracy and images/s on a terminal; one plain line per epoch otherwise."""
+
+        tty = sys.stdout.isatty()
+
+        def on_epoch_begin(self, epoch, logs=None):
+            self.epoch, self.start, self.seen = epoch, time.perf_counter(), 0
+
+        def on_train_batch_end(self, batch, logs=None):
+            self.seen += int(logs.get("size", 0)) if logs and "size" in logs else cfg.batch_size
+            if self.tty:
+                rate = self.seen / max(1e-9, time.perf_counter() - self.start)
+                steps = self.params.get("steps") or 0
+                filled = int(20 * (batch + 1) / steps) if steps else 0
+                print(f"\r  epoch {self.epoch + 1}/{cfg.epochs} [{'=' * filled}{' ' * (20 - filled)}] {batch + 1}/{steps} "
+                      f"loss {logs.get('loss', 0):.4f} acc {logs.get('accuracy', 0):.3f} {rate:.1f} img/s", end="", flush=True)
+
+        def on_epoch_end(self, epoch, logs=None):
+            logs = logs or {}
+            rate = self.seen / max(1e-9, time.perf_counter() - self.start)
+            logs["images_per_second"] = rate
+            print(("\r" if self.tty else "") + f"  epoch {epoch + 1}/{cfg.epochs}: loss {logs.get('loss', 0):.4f} "
+                  f"acc {logs.get('accuracy', 0):.3f} val_loss {logs.get('val_loss', 0):.4f} val_acc {logs.get('val_accuracy', 0):.3f} "
+                  f"{rate:.1f} img/s", flush=True)
+
+    callbacks = [
+        Progress(),
+        keras.callbacks.CSVLogger(str(run / "metrics.csv"), append=True),
+        keras.callbacks.TensorBoard(str(run / "tensorboard"), histogram_freq=1, write_graph=False),
+        Checkpoint(),
+    ]
+    if gradient_batch is not None:
+        callbacks.append(GradientHistograms())
+    return callbacks
+
+
+def save_checkpoint(model, path: Path):
+    """Every model variable (weights, dropout RNG states) and optimizer variable (momentum, step), in
+    order, as a plain npz (no pickle), written to a temporary name and renamed."""
+    import numpy as np
+
+    arrays = {f"model_{i}": v.numpy() for i, v in enumerate(model.variables)}  # dropout RNG states included
+    arrays |= {f"optimizer_{i}": v.numpy() for i, v in enumerate(model.optimizer.variables)}
+    tmp = path.with_name(path.stem + ".tmp.npz")
+    np.savez(tmp, **arrays)
+    os.replace(tmp, path)
+
+
+def restore_checkpoint(model, path: Path):
+    """The inverse of save_checkpoint, into a model built and compiled the same way."""
+    import numpy as np
+
+    model.optimizer.build(model.trainable_variables)
+    with np.load(path, allow_pickle=False) as saved:
+        for prefix, variables in (("model", model.variables), ("optimizer", model.optimizer.variables)):
+            if sum(k.startswith(prefix + "_") for k in saved.files) != len(variables):
+                raise ZooError("checkpoint does not match the model (was the run's config changed?)", path)
+            for i, v in enumerate(variables):
+                v.assign(saved[f"{prefix}_{i}"])
+
+
+def _split_at(model, first_trained: str):
+    """(frozen base, trainable top) sharing the layers of `model`, split before `first_trained`."""
+    import keras
+
+    names = [layer.name for layer in model.layers]
+    cut = names.index(first_trained)
+    base = keras.Model(model.input, model.layers[cut - 1].output, name="frozen_base")
+    inputs = keras.Input(shape=model.layers[cut - 1].output.shape[1:], name="features")
+    x = inputs
+    for layer in model.layers[cut:]:
+        x = layer(x)
+    return base, keras.Model(inputs, x, name="trained_top")
+
+
+# --- the engine -------------------------------------------------------------------------------------
+
+
+def finetune(config: FinetuneConfig | None = None, **overrides) -> FinetuneResult:
+    cfg = config or FinetuneConfig()
+    for key, value in overrides.items():
+        if not hasattr(cfg, key):
+            raise TypeError(f"unknown option {key!r}")
+        setattr(cfg, key, value)
+    run = Path(cfg.out)
+    if cfg.resume:
+        saved = run / "config.json"
+        if not saved.exists():
+            raise ZooError("nothing to resume: no config.json", run)
+        # the saved settings, so the schedule and data order go on as planned; only more epochs may be asked for
+        more = {"epochs": overrides["epochs"]} if "epochs" in overrides else {}
+        cfg = FinetuneConfig(**(json.loads(saved.read_text()) | {"resume": True} | more))
+    for name, value, allowed in (("optimizer", cfg.optimizer, OPTIMIZERS), ("schedule", cfg.schedule, SCHEDULES),
+                                 ("strategy", cfg.strategy, STRATEGIES), ("cache-features", cfg.cache_features, ("auto", "on", "off"))):
+        if value not in allowed:
+            raise ZooError(f"--{name} must be one of {', '.join(allowed)}, not {value!r}")
+    if cfg.epochs < 1 or cfg.batch_size < 1 or cfg.lr <= 0:
+        raise ZooError("--epochs and --batch-size must be positive, --lr above 0")
+
+    # --- check everything before the run folder exists
+    from zoo.registry import get_spec
+    from zoo.weights import load_weights
+
+    weights = load_weights(cfg.weights) if cfg.weights else None
+    base_spec = weights.spec if weights and "@" not in cfg.model and weights.spec.family == cfg.model else get_spec(cfg.model)
+    train, val, head = load_samples(cfg)
+    spec = base_spec.with_num_classes(head)
+    trained = resolve_trainable(spec.layer_names, [i.name for i in spec.weighted_layers], cfg.train, cfg.freeze)
+    if not trained:
+        raise ZooError("every weighted layer is frozen: nothing to train")
+    if spec.head not in trained and head != base_spec.num_classes:
+        raise ZooError(f"the new head {spec.head} must be trained (it is freshly initialised)")
+    first = spec.layer_names.index(trained[0])
+    frozen_prefix = all(i.name in trained for i in spec.weighted_layers if spec.layer_names.index(i.name) >= first)
+    if cfg.cache_features == "on" and not frozen_prefix:
+        raise ZooError("--cache-features on needs every layer after the first trained one to be trained")
+    if cfg.cache_features == "on" and cfg.augment:
+        say("feature caching with augmentation on: crops and flips are NOT applied (features are computed once, center crop)")
+    cache = cfg.cache_features == "on" or (cfg.cache_features == "auto" and frozen_prefix and first > 0 and not cfg.augment)
+    if cfg.cache_features == "auto" and frozen_prefix and first > 0 and cfg.augment:
+        say("feature caching is off because augmentation is on (random crops and flips change the frozen layers' output); "
+            "--no-augment turns it on")
+    if weights is None:
+        say(f"no --weights: starting {spec.id} from RANDOM initialisation, not pretrained weights. "
+            f"Convert real weights with `zoo convert caffe bvlc_alexnet.npy` (or torch/h5) and pass --weights.")
+    state = {}
+    if cfg.resume:
+        state_file = run / "checkpoints" / "state.json"
+        state = json.loads(state_file.read_text()) if state_file.exists() else {}
+        if state.get("epoch", 0) >= cfg.epochs:
+            raise ZooError(f"the run already finished {state['epoch']} epochs; pass more --epochs to go on", run)
+    elif run.exists() and any(run.iterdir()):
+        raise ZooError("run folder exists and is not empty; use --resume or another --out", run)
+
+    # --- build
+    import keras
+    import numpy as np
+    import tensorflow as tf
+
+    from zoo.data import epochs_dataset, eval_dataset
+    from zoo.keras_model import create_model, model_tensors
+    from zoo.weights import save_weights
+
+    keras.utils.set_random_seed(cfg.seed)
+    (run / "checkpoints").mkdir(parents=True, exist_ok=True)
+    if not cfg.resume:
+        _atomic_write_text(run / "config.json", json.dumps(asdict(cfg), indent=2))
+    strategy = _strategy(cfg.strategy)
+    first_epoch = state.get("epoch", 0)
+    with strategy.scope():
+        full = create_model(None if weights else base_spec, weights=weights, num_classes=head)
+        for layer in full.layers:
+            layer.trainable = layer.name in trained or not layer.weights
+        base, model = _split_at(full, trained[0]) if cache else (None, full)
+        steps_per_epoch = -(-len(train) // cfg.batch_size)
+        model.compile(optimizer=_optimizer(cfg, steps_per_epoch),
+                      loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True), metrics=["accuracy"])
+        if first_epoch:
+            restore_checkpoint(model, run / "checkpoints" / "last.npz")
+            say(f"resumed {run} after epoch {first_epoch}")
+
+    say(f"fine-tuning {spec.id} -> {head} classes ({', '.join(train.classes)}); training {', '.join(trained)}; "
+        f"{len(train)} train / {len(val)} val images; {'cached features' if cache else 'full forward'}; run folder {run}")
+    if cache:
+        t = time.perf_counter()
+        train_x = base.predict(eval_dataset(train, spec, cfg.batch_size), verbose=0)
+        val_x = base.predict(eval_dataset(val, spec, cfg.batch_size), verbose=0)
+        say(f"cached {trained[0]}'s inputs for {len(train) + len(val)} images in {time.perf_counter() - t:.1f}s")
+        order = np.concatenate([np.random.default_rng([cfg.seed, e]).permutation(len(train)) for e in range(first_epoch, cfg.epochs)])
+        train_ds = tf.data.Dataset.from_tensor_slices((train_x[order], train.labels[order]))
+        train_ds = train_ds.window(len(train)).flat_map(lambda x, y: tf.data.Dataset.zip((x, y)).batch(cfg.batch_size))
+        val_ds = tf.data.Dataset.from_tensor_slices((val_x, val.labels)).batch(cfg.batch_size)
+        gradient_batch = (train_x[: cfg.batch_size], train.labels[: cfg.batch_size])
+    else:
+        train_ds, _ = epochs_dataset(train, spec, cfg.batch_size, first_epoch, cfg.epochs, cfg.seed, cfg.augment)
+        val_ds = eval_dataset(val, spec, cfg.batch_size)
+        gradient_batch = next(iter(eval_dataset(train, spec, cfg.batch_size))) if cfg.strategy == "none" else None
+    if cfg.strategy != "none":
+        gradient_batch = None  # per-replica gradients on a host batch do not apply
+    hist = model.fit(train_ds, validation_data=val_ds, epochs=cfg.epochs, initial_epoch=first_epoch,
+                     steps_per_epoch=steps_per_epoch, verbose=0, shuffle=False,  # the datasets order themselves
+                     callbacks=_callbacks(run, model, full, spec, train.classes, cfg, gradient_batch))
+    history = [{k: float(v[i]) for k, v in hist.history.items()} for i in range(len(hist.epoch))]
+
+    # --- results: verified weights with the new head, class names
+    meta = {"base_spec": base_spec.id, "classes": json.dumps(train.classes), "trained_layers": json.dumps(trained),
+            "training": json.dumps({k: v for k, v in asdict(cfg).items() if k not in ("out", "resume")}),
+            "base_weights_sha256": weights.metadata.get("source_sha256", "") if weights else "random-init"}
+    out = save_weights(run / "weights.safetensors", spec, model_tensors(full, spec), meta)
+    _atomic_write_text(run / "classes.txt", "\n".join(train.classes) + "\n")
+    state = json.loads((run / "checkpoints" / "state.json").read_text())
+    rates = [h.get("images_per_second", 0) for h in history]
+    say(f"done: best val accuracy {state.get('best_val_accuracy', 0):.3f} (epoch {state.get('best_epoch')}); weights {out}")
+    return FinetuneResult(run, out, train.classes, trained, cache, history, state.get("best_val_accuracy", 0.0),
+                          float(np.median(rates)) if rates else 0.0)
+
