@@ -1,9 +1,10 @@
-"""The Caffe path end to end on a built-in example, using the zoo CLI as a user would.
+"""The main job end to end on the built-in example, using the zoo CLI as a user would:
+convert Caffe weights, verify them, check them against real Caffe, fine-tune a 2-class AlexNet.
 
 No pretrained weights can be downloaded here, so the example writes a caffe-tensorflow
 `bvlc_alexnet.npy` holding the *seeded random* weights for which tests/data has real BVLC Caffe
-outputs, converts it, verifies it, and checks that the TensorFlow model computes what Caffe computed.
-Replace the .npy with the real bvlc_alexnet.npy and the same commands give you pretrained AlexNet.
+outputs. Replace the .npy with the real bvlc_alexnet.npy and the same commands fine-tune pretrained
+AlexNet (the built-in example data are drawn shapes; pass --data for your own images).
 """
 
 import subprocess
@@ -43,6 +44,16 @@ def main():
     print(f"TensorFlow vs real BVLC Caffe fc8: max error {err:.2e} of the logits' scale, top-5 identical: {same_top5}")
     if err > 1e-4 or not same_top5:
         sys.exit("parity with Caffe FAILED")
+
+    # the seed tutorial's setting: train fc7 and fc8, a new 2-class head; no augmentation, so the frozen
+    # conv1..fc6 output is computed once and cached
+    run = OUT / "run"
+    if run.exists():
+        import shutil
+
+        shutil.rmtree(run)
+    zoo("finetune", "alexnet", "--head", "2", "--weights", OUT / "seeded_alexnet.safetensors", "--train", "fc7,fc8",
+        "--no-augment", "--epochs", "5", "--batch-size", "32", "--out", run)
 
 
 if __name__ == "__main__":

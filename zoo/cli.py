@@ -174,11 +174,6 @@ def cmd_finetune(args):
                          momentum=args.momentum, schedule=args.schedule, augment=args.augment, cache_features=args.cache_features,
                          strategy=args.strategy, seed=args.seed, out=args.out, resume=args.resume)
     result = finetune(cfg, **({"epochs": args.epochs} if args.epochs else {}))
-    if args.export:
-        from zoo.export import export
-
-        for path in export(result.run_dir, formats=split(args.export), out=result.run_dir / "exported"):
-            print(f"exported {path}")
     if args.json:
         _print_json({"run_dir": str(result.run_dir), "weights": str(result.weights), "classes": result.classes,
                      "trained_layers": result.trained_layers, "cached_features": result.cached_features,
@@ -237,7 +232,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="runs/finetune", help="run folder")
     p.add_argument("--resume", action="store_true", help="continue the run in --out where it stopped")
-    p.add_argument("--export", help="formats to export at the end: savedmodel,onnx")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_finetune)
 
