@@ -12,9 +12,10 @@ import numpy as np
 from zoo.spec import ModelSpec
 
 
-def _constants(spec: ModelSpec):
-    lo, hi = spec.input["value_range"]
-    return (hi - lo) / 255.0, lo, np.array(spec.input["mean"], np.float32), np.array(spec.input["std"], np.float32)
+def _constants(spec: ModelSpec | dict):
+    cfg = spec if isinstance(spec, dict) else spec.input
+    lo, hi = cfg["value_range"]
+    return (hi - lo) / 255.0, lo, np.array(cfg["mean"], np.float32), np.array(cfg["std"], np.float32)
 
 
 # --- TensorFlow ------------------------------------------------------------------------------------
@@ -76,19 +77,20 @@ def tf_train_image(encoded, spec: ModelSpec, seed):
 # --- numpy / Pillow (no TensorFlow: ONNX Runtime prediction) ----------------------------------------
 
 
-def np_eval_image(path, spec: ModelSpec) -> np.ndarray:
+def np_eval_image(path, input_cfg: dict) -> np.ndarray:
+    """The same as tf_eval_image with Pillow and numpy; `input_cfg` is a spec's `input` dict."""
     from PIL import Image
 
-    h, w = spec.input["size"]
-    size = spec.input.get("resize", max(h, w))
+    h, w = input_cfg["size"]
+    size = input_cfg.get("resize", max(h, w))
     with Image.open(path) as im:
         im = im.convert("RGB")
         scale = size / min(im.size)
         im = im.resize((max(size, round(im.size[0] * scale)), max(size, round(im.size[1] * scale))), Image.BILINEAR)
         left, top = (im.size[0] - w) // 2, (im.size[1] - h) // 2
         x = np.asarray(im.crop((left, top, left + w, top + h)), np.float32)
-    scale, lo, mean, std = _constants(spec)
+    scale, lo, mean, std = _constants(input_cfg)
     x = x * scale + lo
-    if spec.input["channel_order"] == "BGR":
+    if input_cfg["channel_order"] == "BGR":
         x = x[..., ::-1]
-    return (x - mean) / std
+    return ((x - mean) / std).astype(np.float32)

@@ -1,0 +1,242 @@
+"""Export verified weights (or a fine-tune run) to a TensorFlow SavedModel and to ONNX, each proven
+equal to the Keras model on a fixed seeded batch before it is called done.
+
+ONNX is written straight from the spec with onnx.helper, the weights as initializers: grouped convs
+become one `Conv` with `group`, LRN becomes `LRN`. tf2onnx was measured on the full AlexNet at ~14 GB
+and 60-80 s and cannot convert Keras' grouped convs at all (it reports success on an invalid file);
+this writer needs a few hundred MB and seconds (docs/performance.md). Either way nothing is trusted
+until onnx.checker and ONNX Runtime agree with TensorFlow.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from zoo.errors import ZooError
+from zoo.spec import ModelSpec
+from zoo.weights import Weights, load_weights
+
+FORMATS = ("savedmodel", "onnx")
+DEFAULT_OPSET = 17
+
+
+@dataclass
+class Source:
+    weights: Weights
+    classes: list[str]
+
+    @property
+    def spec(self) -> ModelSpec:
+        return self.weights.spec
+
+
+def category_names(spec: ModelSpec) -> list[str] | None:
+    if spec.categories:
+        path = Path(__file__).parent / "specs" / f"{spec.categories}.txt"
+        if path.exists():
+            return path.read_text().splitlines()
+    return None
+
+
+def open_source(path) -> Source:
+    """A run folder (weights.safetensors, classes.txt) or a verified weights file."""
+    path = Path(path)
+    weights = load_weights(path / "weights.safetensors" if path.is_dir() else path)
+    classes = weights.classes or category_names(weights.spec) or [str(i) for i in range(weights.spec.num_classes)]
+    if len(classes) != weights.spec.num_classes:
+        raise ZooError(f"{len(classes)} class names for a {weights.spec.num_classes}-class head", path)
+    return Source(weights, classes)
+
+
+def check_batch(spec: ModelSpec, n: int = 4, seed: int = 1234) -> np.ndarray:
+    """The fixed, seeded batch every export is checked on: images in the spec's input range, preprocessed."""
+    rng = np.random.default_rng(seed)
+    rgb = rng.uniform(0, 255, (n, *spec.input["size"], 3)).astype(np.float32)
+    lo, hi = spec.input["value_range"]
+    x = rgb * ((hi - lo) / 255.0) + lo
+    if spec.input["channel_order"] == "BGR":
+        x = x[..., ::-1]
+    return ((x - np.array(spec.input["mean"], np.float32)) / np.array(spec.input["std"], np.float32)).astype(np.float32)
+
+
+def compare(name: str, got: np.ndarray, want: np.ndarray, where) -> float:
+    """Max |difference| within 1e-4 of the logits' scale, identical top-1 and top-5; else ZooError."""
+    scale = float(np.abs(want).max()) or 1.0
+    err = float(np.abs(got - want).max()) / scale
+    k = min(5, want.shape[1])
+    same = np.array_equal(np.argsort(-got, 1)[:, :k], np.argsort(-want, 1)[:, :k])
+    if err > 1e-4 or not same:
+        raise ZooError(f"{name} does not match the Keras model: max difference {err:.2e} of the logits' scale, "
+                       f"top-{k} {'identical' if same else 'DIFFERENT'}", where)
+    return err
+
+
+# --- ONNX -------------------------------------------------------------------------------------------
+
+
+def onnx_model(spec: ModelSpec, tensors: dict[str, np.ndarray], classes: list[str], opset: int = DEFAULT_OPSET):
+    """The spec as an ONNX graph: NHWC float input `image`, outputs `logits` and `probabilities`."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    nodes, inits = [], []
+    h, w = spec.input["size"]
+    batch = "batch"
+    x = "image_nchw"
+    nodes.append(helper.make_node("Transpose", ["image"], [x], perm=[0, 3, 1, 2]))
+    previous = spec.input_shape
+    for info in spec.layer_infos:
+        c, name, out = info.config, info.name, info.name
+        if info.kind == "conv":
+            kernel = np.ascontiguousarray(tensors[f"{name}.kernel"].transpose(3, 2, 0, 1))  # HWIO -> OIHW
+            inits += [numpy_helper.from_array(kernel, f"{name}.weight"), numpy_helper.from_array(tensors[f"{name}.bias"], f"{name}.bias")]
+            p = c.get("pad", 0)
+            nodes.append(helper.make_node("Conv", [x, f"{name}.weight", f"{name}.bias"], [out], name=name,
+                                          kernel_shape=[c["kernel"]] * 2, strides=[c.get("stride", 1)] * 2, pads=[p] * 4,
+                                          group=c.get("groups", 1)))
+        elif info.kind == "lrn":  # ONNX's alpha is Caffe's (divided by size inside)
+            nodes.append(helper.make_node("LRN", [x], [out], name=name, size=c["size"], alpha=c["alpha"], beta=c["beta"], bias=c.get("k", 1.0)))
+        elif info.kind in ("maxpool", "avgpool"):
+            op = "MaxPool" if info.kind == "maxpool" else "AveragePool"
+            nodes.append(helper.make_node(op, [x], [out], name=name, kernel_shape=[c["size"]] * 2, strides=[c.get("stride", c["size"])] * 2))
+        elif info.kind == "adaptive_avgpool":
+            f = previous[0] // c["output"]
+            nodes.append(helper.make_node("AveragePool", [x], [out], name=name, kernel_shape=[f, f], strides=[f, f]) if f > 1
+                         else helper.make_node("Identity", [x], [out], name=name))
+        elif info.kind == "flatten":  # back to NHWC first: the dense kernels expect H,W,C order
+            nodes.append(helper.make_node("Transpose", [x], [f"{name}_nhwc"], perm=[0, 2, 3, 1]))
+            nodes.append(helper.make_node("Flatten", [f"{name}_nhwc"], [out], name=name, axis=1))
+        elif info.kind == "dense":
+            inits += [numpy_helper.from_array(tensors[f"{name}.kernel"], f"{name}.weight"), numpy_helper.from_array(tensors[f"{name}.bias"], f"{name}.bias")]
+            nodes.append(helper.make_node("Gemm", [x, f"{name}.weight", f"{name}.bias"], [out], name=name))
+        elif info.kind == "dropout":
+            continue  # inference: identity
+        if c.get("activation") == "relu":
+            nodes.append(helper.make_node("Relu", [out], [f"{name}_relu"]))
+            out = f"{name}_relu"
+        elif c.get("activation"):
+            raise ZooError(f"activation {c['activation']!r} has no ONNX mapping")
+        x, previous = out, info.output_shape
+    nodes.append(helper.make_node("Identity", [x], ["logits"]))
+    nodes.append(helper.make_node("Softmax", ["logits"], ["probabilities"], axis=1))
+    graph = helper.make_graph(
+        nodes, spec.id, [helper.make_tensor_value_info("image", TensorProto.FLOAT, [batch, h, w, 3])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [batch, spec.num_classes]),
+         helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, [batch, spec.num_classes])],
+        initializer=inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], producer_name="zoo")
+    model.ir_version = min(model.ir_version, onnx.IR_VERSION)
+    meta = {"zoo.spec": spec.id, "zoo.fingerprint": spec.fingerprint, "zoo.classes": json.dumps(classes),
+            "zoo.input": json.dumps(spec.input), "zoo.layout": "NHWC, preprocessed as zoo.input says"}
+    helper.set_model_props(model, meta)
+    return model
+
+
+def export_onnx(src: Source, out: Path, opset: int = DEFAULT_OPSET, reference: np.ndarray | None = None) -> Path:
+    import onnx
+    import onnxruntime as ort
+
+    target = out / "model.onnx"
+    tmp = out / ".model.onnx.tmp"
+    try:
+        onnx.save_model(onnx_model(src.spec, src.weights.tensors, src.classes, opset), tmp)
+        onnx.checker.check_model(str(tmp), full_check=True)
+        session = ort.InferenceSession(str(tmp), providers=["CPUExecutionProvider"])
+        if reference is not None:
+            got = session.run(["logits"], {"image": check_batch(src.spec)})[0]
+            compare("the ONNX model (ONNX Runtime)", got, reference, target)
+        os.replace(tmp, target)
+    except onnx.checker.ValidationError as e:
+        raise ZooError(f"onnx.checker rejected the model: {str(e).splitlines()[0]}", target) from None
+    finally:
+        tmp.unlink(missing_ok=True)
+    return target
+
+
+# --- SavedModel -------------------------------------------------------------------------------------
+
+
+def export_savedmodel(src: Source, out: Path, model, reference: np.ndarray | None = None) -> Path:
+    import tensorflow as tf
+
+    from zoo.preprocess import tf_center_crop, tf_eval_image, tf_normalize, tf_resize_shorter
+
+    spec = src.spec
+    h, w = spec.input["size"]
+    resize = spec.input.get("resize", max(h, w))
+
+    class Exported(tf.Module):
+        def __init__(self):
+            super().__init__()
+            self.model = model
+            self.classes = tf.constant(src.classes)
+            self.class_file = tf.saved_model.Asset(str(out / ".classes.txt"))
+
+        def _outputs(self, x):
+            logits = self.model(x, training=False)
+            probs = tf.nn.softmax(logits)
+            return {"logits": logits, "probabilities": probs, "class": tf.gather(self.classes, tf.argmax(logits, axis=1))}
+
+        @tf.function(input_signature=[tf.TensorSpec([None, h, w, 3], tf.float32, name="image")])
+        def serve(self, image):
+            """Input already preprocessed as the spec says (zoo info)."""
+            return self._outputs(image)
+
+        @tf.function(input_signature=[tf.TensorSpec([None, None, None, 3], tf.uint8, name="rgb")])
+        def serve_rgb(self, rgb):
+            """uint8 RGB images of any (common) size: resize, center crop, channel order, mean/std inside."""
+            crops = tf.map_fn(lambda im: tf_center_crop(tf_resize_shorter(im, resize), h, w), rgb, fn_output_signature=tf.float32)
+            return self._outputs(tf_normalize(crops, spec))
+
+        @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="encoded")])
+        def serve_encoded(self, encoded):
+            """Encoded JPEG/PNG bytes, one per image."""
+            return self._outputs(tf.map_fn(lambda e: tf_eval_image(e, spec), encoded, fn_output_signature=tf.float32))
+
+    target = out / "savedmodel"
+    tmp = out / ".savedmodel.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    (out / ".classes.txt").write_text("\n".join(src.classes) + "\n")
+    try:
+        module = Exported()
+        tf.saved_model.save(module, str(tmp), signatures={"serving_default": module.serve, "serve_rgb": module.serve_rgb,
+                                                         "serve_encoded": module.serve_encoded})
+        if reference is not None:
+            loaded = tf.saved_model.load(str(tmp))
+            got = loaded.signatures["serving_default"](image=tf.constant(check_batch(spec)))["logits"].numpy()
+            compare("the SavedModel", got, reference, target)
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        (out / ".classes.txt").unlink(missing_ok=True)
+    return target
+
+
+def export(source, formats=FORMATS, out=None, opset: int = DEFAULT_OPSET) -> list[Path]:
+    """Export `source` (run folder or weights file) to each of `formats` under `out`, each checked."""
+    formats = list(formats)
+    unknown = [f for f in formats if f not in FORMATS]
+    if unknown or not formats:
+        raise ZooError(f"unknown export format(s) {unknown}; choose from {', '.join(FORMATS)}")
+    src = open_source(source)
+    out = Path(out) if out else (Path(source) if Path(source).is_dir() else Path(source).parent) / "exported"
+    out.mkdir(parents=True, exist_ok=True)
+    from zoo.keras_model import create_model
+
+    model = create_model(None, weights=src.weights)
+    reference = model.predict(check_batch(src.spec), verbose=0)
+    written = []
+    if "onnx" in formats:
+        written.append(export_onnx(src, out, opset, reference))
+    if "savedmodel" in formats:
+        written.append(export_savedmodel(src, out, model, reference))
+    (out / "classes.txt").write_text("\n".join(src.classes) + "\n")
+    return written

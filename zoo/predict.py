@@ -1,0 +1,102 @@
+"""`zoo predict`: top-k classes from an ONNX file, a SavedModel or verified weights, on image files."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from zoo.errors import ZooError
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png"}
+
+
+@dataclass
+class Prediction:
+    file: str
+    top: list[tuple[str, float]] | None = None
+    error: str | None = None
+
+
+def image_files(paths) -> list[Path]:
+    files = []
+    for p in map(Path, paths):
+        files += sorted(f for f in p.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES) if p.is_dir() else [p]
+    return files
+
+
+class OnnxPredictor:
+    """ONNX Runtime with Pillow/numpy preprocessing: no TensorFlow needed."""
+
+    def __init__(self, path: Path):
+        import onnxruntime as ort
+
+        self.session = ort.InferenceSession(str(path), providers=ort.get_available_providers())
+        meta = self.session.get_modelmeta().custom_metadata_map
+        if "zoo.input" not in meta:
+            raise ZooError("an ONNX file without zoo metadata (export it with `zoo export`)", path)
+        self.input, self.classes = json.loads(meta["zoo.input"]), json.loads(meta["zoo.classes"])
+
+    def probabilities(self, path: Path) -> np.ndarray:
+        from zoo.preprocess import np_eval_image
+
+        return self.session.run(["probabilities"], {"image": np_eval_image(path, self.input)[None]})[0][0]
+
+
+class SavedModelPredictor:
+    def __init__(self, path: Path):
+        import tensorflow as tf
+
+        self.fn = tf.saved_model.load(str(path)).signatures["serve_encoded"]
+        classes = path / "assets" / ".classes.txt"
+        self.classes = classes.read_text().splitlines()
+
+    def probabilities(self, path: Path) -> np.ndarray:
+        import tensorflow as tf
+
+        return self.fn(encoded=tf.constant([path.read_bytes()]))["probabilities"].numpy()[0]
+
+
+class KerasPredictor:
+    def __init__(self, path: Path):
+        from zoo.export import open_source
+        from zoo.keras_model import create_model
+
+        src = open_source(path)
+        self.spec, self.classes = src.spec, src.classes
+        self.model = create_model(None, weights=src.weights)
+
+    def probabilities(self, path: Path) -> np.ndarray:
+        import tensorflow as tf
+
+        from zoo.preprocess import tf_eval_image
+
+        x = tf_eval_image(tf.constant(path.read_bytes()), self.spec)[None]
+        return tf.nn.softmax(self.model(x, training=False)).numpy()[0]
+
+
+def predictor(artifact):
+    artifact = Path(artifact)
+    if artifact.suffix == ".onnx":
+        return OnnxPredictor(artifact)
+    if (artifact / "saved_model.pb").exists():
+        return SavedModelPredictor(artifact)
+    if artifact.suffix == ".safetensors" or (artifact / "weights.safetensors").exists():
+        return KerasPredictor(artifact)
+    raise ZooError("not a model: expected a .onnx file, a SavedModel folder, a .safetensors file or a run folder", artifact)
+
+
+def predict(artifact, images, top: int = 5) -> list[Prediction]:
+    model = predictor(artifact)
+    results = []
+    for path in image_files(images):
+        try:
+            probs = model.probabilities(path)
+        except Exception as e:  # one bad image is named and skipped, not fatal
+            results.append(Prediction(str(path), error=f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:200]))
+            continue
+        best = np.argsort(-probs)[:top]
+        results.append(Prediction(str(path), [(model.classes[i], float(probs[i])) for i in best]))
+    return results
