@@ -3,7 +3,7 @@
 Each measurement runs in a fresh interpreter so that its peak resident memory (VmHWM) is its own;
 runs alternate between the two ways, each after os.sync(), and the median of `--repeat` runs is reported.
 
-    python benchmarks/bench_convert.py [--repeat 5] [--formats caffe,torch]
+    python benchmarks/bench_convert.py [--repeat 5] [--formats caffe,torch,caffemodel]
 """
 
 from __future__ import annotations
@@ -53,6 +53,14 @@ CASES = {
             "safetensors.numpy.save_file({k: v.numpy() for k, v in sd.items()}, out)")),
         "zoo": JOB.format(imports="from zoo.conversion import convert", body="convert(src, source='torch', output=out)"),
     },
+    "caffemodel": {
+        "baseline_label": "protobuf runtime ParseFromString + numpy + safetensors.numpy.save_file",
+        "baseline": JOB.format(imports=f"sys.path.insert(0, {str(ROOT / 'tests')!r}); from caffe_proto import PB", body=(
+            "net = PB['NetParameter'](); net.ParseFromString(open(src, 'rb').read())\n"
+            "flat = {f'{l.name}.{i}': np.array(b.data, np.float32) for l in net.layer for i, b in enumerate(l.blobs)}\n"
+            "safetensors.numpy.save_file(flat, out)")),
+        "zoo": JOB.format(imports="from zoo.conversion import convert", body="convert(src, source='caffemodel', output=out)"),
+    },
 }
 
 
@@ -74,7 +82,16 @@ def make_torch_source(folder: Path) -> Path:
     return path
 
 
-SOURCES = {"caffe": make_caffe_source, "torch": make_torch_source}
+def make_caffemodel_source(folder: Path) -> Path:
+    from caffe_proto import write_caffemodel
+    from caffe_reference import caffe_weights
+
+    path = folder / "bvlc_alexnet.caffemodel"
+    write_caffemodel(path, caffe_weights(), {"conv2": 2, "conv4": 2, "conv5": 2})
+    return path
+
+
+SOURCES = {"caffe": make_caffe_source, "torch": make_torch_source, "caffemodel": make_caffemodel_source}
 
 
 def run(code: str, src: Path, out: Path) -> dict:

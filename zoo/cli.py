@@ -109,7 +109,7 @@ def cmd_convert(args):
     from zoo.conversion import convert
 
     source, path = args.args if len(args.args) == 2 else (None, args.args[0])
-    options = {}
+    options = dict(args.source_options)
     if args.map:
         try:
             options["map"] = json.loads(Path(args.map).read_text())
@@ -290,9 +290,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.command == "convert" and len(args.args) > 2:
-        parser.error("convert takes [SOURCE] FILE")
+    # `zoo convert` passes options it does not know (--prototxt FILE) to the weight source, which declares them
+    args, extra = parser.parse_known_args(argv)
+    if extra and args.command != "convert":
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if args.command == "convert":
+        if len(args.args) > 2:
+            parser.error("convert takes [SOURCE] FILE")
+        if len(extra) % 2 or not all(k.startswith("--") for k in extra[::2]):
+            parser.error(f"source options come as --name value pairs, not {' '.join(extra)}")
+        args.source_options = [(k[2:].replace("-", "_"), v) for k, v in zip(extra[::2], extra[1::2])]
     try:
         return args.func(args)
     except ZooError as e:

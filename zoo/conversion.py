@@ -70,6 +70,10 @@ def convert(path, source: str | None = None, output=None, spec: str | ModelSpec 
         raise ZooError("output would overwrite the input", output)
     requested = get_spec(spec) if spec else None
     info, reader = pick_source(path, source)
+    unknown = sorted(set(options or {}) - {"map"} - set(getattr(reader, "options", {})))
+    if unknown:
+        takes = ", ".join(f"--{k}" for k in getattr(reader, "options", {})) or "none"
+        raise ZooError(f"source {reader.name!r} does not take {', '.join('--' + k for k in unknown)} (its options: {takes})")
     if requested and reader.produces and requested.id not in reader.produces:
         raise ZooError(f"source {reader.name!r} produces {', '.join(reader.produces)}, not {requested.id}", path)
     # hash the source on the other core while it is parsed and written (hashlib releases the GIL)

@@ -33,6 +33,7 @@ class WeightSource:
     format: str = ""  # one line: the file format it reads
     extensions: tuple[str, ...] = ()
     produces: tuple[str, ...] = ()  # spec ids it can produce ("alexnet@bvlc"); empty if any
+    options: dict[str, str] = {}  # extra `zoo convert` options it takes ({"prototxt": "help"}): --prototxt FILE
 
     def sniff(self, path: Path, head: bytes) -> bool:
         """True when the file looks like this source's format (`head` is its first 4 KiB)."""

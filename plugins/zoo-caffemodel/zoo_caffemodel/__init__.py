@@ -1,0 +1,92 @@
+"""zoo plugin `caffemodel`: BVLC Caffe .caffemodel files, read directly through zoo's public API.
+
+The plugin parses the NetParameter binary (zoo_caffemodel.caffemodel), hands zoo its layers in Caffe's
+layout (conv (out, in/groups, kh, kw), InnerProduct (out, in) with C,H,W inputs) and lets zoo's
+matcher find the spec and do the transform to the canonical layout. zoo writes and verifies the output.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import mmap
+from importlib.metadata import version
+from pathlib import Path
+
+from zoo.errors import ZooError
+from zoo.hookspecs import hookimpl
+from zoo.sources import OIHW, Imported, WeightSource, fit_layers, map_file, mapping_notes
+from zoo_caffemodel.caffemodel import read_layers
+from zoo_caffemodel.prototxt import layer_settings
+from zoo_caffemodel.wire import WireError
+
+__version__ = version("zoo-caffemodel")
+
+
+def sha1_file(path) -> str:
+    h = hashlib.sha1()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 22):
+            h.update(block)
+    return h.hexdigest()
+
+
+def genuine_notes(spec, path: Path) -> list[str]:
+    """Compare the file's sha1 with the spec's published reference files (Caffe's model zoo lists sha1)."""
+    refs = {name: h["sha1"] for name, h in spec.provenance.get("reference_files", {}).items() if "sha1" in h}
+    if not refs:
+        return []
+    digest = sha1_file(path)
+    for name, sha1 in refs.items():
+        if digest == sha1:
+            return [f"genuine: sha1 {digest} is that of the published {name}"]
+    return [f"sha1 {digest} is not that of the published {', '.join(refs)} (fine for other weights)"]
+
+
+def prototxt_notes(spec, prototxt, layers) -> list[str]:
+    try:
+        settings = layer_settings(Path(prototxt).read_text(), prototxt)
+    except OSError as e:
+        raise ZooError(f"cannot read prototxt: {e.strerror}", prototxt) from None
+    notes = []
+    for info in spec.weighted_layers:
+        if info.name not in settings:
+            notes.append(f"WARNING: prototxt {prototxt} has no layer {info.name!r}")
+        elif info.kind == "conv" and settings[info.name]["group"] != info.config.get("groups", 1):
+            notes.append(f"WARNING: prototxt says {info.name} has group {settings[info.name]['group']}, "
+                         f"{spec.id} has {info.config.get('groups', 1)}")
+    unknown = sorted({layer.name for layer in layers if layer.blobs} - set(settings))
+    if unknown:
+        notes.append(f"WARNING: layers with weights that the prototxt does not define: {', '.join(unknown)}")
+    return notes or [f"prototxt {prototxt}: layer names and groups agree with {spec.id}"]
+
+
+class CaffeModel(WeightSource):
+    name = "caffemodel"
+    format = "Caffe NetParameter binary (.caffemodel)"
+    extensions = (".caffemodel",)
+    options = {"prototxt": "deploy.prototxt to check the network's layer names and groups against the spec"}
+
+    def sniff(self, path, head):
+        return Path(path).suffix == ".caffemodel"
+
+    def read(self, path, spec, options):
+        data = map_file(path)
+        try:
+            net, layers, kind = read_layers(memoryview(data))
+        except WireError as e:
+            raise ZooError(f"not a valid .caffemodel: {e}", path) from None
+        weighted = {layer.name: (layer.blobs[0], layer.blobs[1] if len(layer.blobs) > 1 else None) for layer in layers if layer.blobs}
+        if not weighted:
+            raise ZooError(f"net {net!r} holds no blobs (a deploy net without weights?)", path)
+        fit = fit_layers(weighted, spec, path, layout=OIHW, mapping=options.get("map"))
+        if isinstance(data, mmap.mmap):
+            data.madvise(mmap.MADV_DONTNEED)  # the canonical tensors are copies: drop the mapped pages
+        notes = [f"read net {net!r} ({kind}, {len(layers)} layers)"] + mapping_notes(fit) + genuine_notes(fit.spec, Path(path))
+        if options.get("prototxt"):
+            notes += prototxt_notes(fit.spec, options["prototxt"], layers)
+        return Imported(fit.spec, fit.tensors, notes=notes, source_format="caffemodel")
+
+
+@hookimpl
+def zoo_weight_sources():
+    return [CaffeModel()]
