@@ -1,5 +1,6 @@
 """The main job end to end on the built-in example, using the zoo CLI as a user would:
-convert Caffe weights, verify them, check them against real Caffe, fine-tune a 2-class AlexNet.
+convert Caffe weights, verify them, check them against real Caffe, fine-tune a 2-class AlexNet,
+export it to SavedModel and ONNX (both checked), predict.
 
 No pretrained weights can be downloaded here, so the example writes a caffe-tensorflow
 `bvlc_alexnet.npy` holding the *seeded random* weights for which tests/data has real BVLC Caffe
@@ -54,6 +55,11 @@ def main():
         shutil.rmtree(run)
     zoo("finetune", "alexnet", "--head", "2", "--weights", OUT / "seeded_alexnet.safetensors", "--train", "fc7,fc8",
         "--no-augment", "--epochs", "5", "--batch-size", "32", "--out", run)
+    # export both formats (each checked against the Keras model), then predict with the ONNX file
+    zoo("export", run, "--format", "savedmodel,onnx")
+    examples = OUT / "zoo-example-data"
+    zoo("predict", run / "exported" / "model.onnx", examples / "circle" / "circle_000.jpg", examples / "square" / "square_000.jpg",
+        "--top", "2")
 
 
 if __name__ == "__main__":
