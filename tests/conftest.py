@@ -158,3 +158,41 @@ def example_data(tmp_path_factory):
     from zoo.example import make_example
 
     return make_example(tmp_path_factory.mktemp("example"), per_class=40, size=48)
+
+
+def mutations(data: bytes, n: int, seed: int):
+    """`n` damaged copies of `data`: flipped bytes, truncations, duplicated slices, 0x7fffffff length fields."""
+    import random
+
+    rng = random.Random(seed)
+    for _ in range(n):
+        b = bytearray(data)
+        kind = rng.randrange(4)
+        if kind == 0:
+            for _ in range(rng.randint(1, 8)):
+                b[rng.randrange(len(b))] = rng.randrange(256)
+        elif kind == 1:
+            del b[rng.randrange(len(b)):]
+        elif kind == 2:
+            i = rng.randrange(len(b))
+            b[i:i] = b[i:i + rng.randint(1, 64)]
+        else:
+            i = rng.randrange(len(b))
+            b[i:i + 4] = b"\xff\xff\xff\x7f"
+        yield bytes(b)
+
+
+def fuzz_convert(folder, valid: bytes, suffix: str, source: str, n: int, seed: int) -> int:
+    """Convert `n` mutations of a valid file: each must give a result or a ZooError. Returns the errors."""
+    from zoo.conversion import convert
+    from zoo.errors import ZooError
+
+    errors = 0
+    path = folder / f"mutated{suffix}"
+    for data in mutations(valid, n, seed):
+        path.write_bytes(data)
+        try:
+            convert(path, source=source, output=folder / "mutated.safetensors")
+        except ZooError:
+            errors += 1
+    return errors

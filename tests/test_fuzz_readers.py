@@ -1,35 +1,15 @@
 """Mutated bytes of small valid files: every case is a result or a ZooError, never another exception."""
 
 import pickle
-import random
 
 import numpy as np
 import pytest
-from conftest import small_layers
+from conftest import mutations, small_layers
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from zoo.converters.caffe_npy import npy_layers, read_npy_object
 
 from zoo import ZooError, safe_pickle
-
-
-def _mutations(data: bytes, n: int, seed: int):
-    rng = random.Random(seed)
-    for _ in range(n):
-        b = bytearray(data)
-        kind = rng.randrange(4)
-        if kind == 0:  # flip bytes
-            for _ in range(rng.randint(1, 8)):
-                b[rng.randrange(len(b))] = rng.randrange(256)
-        elif kind == 1:  # truncate
-            del b[rng.randrange(len(b)):]
-        elif kind == 2:  # duplicate a slice
-            i = rng.randrange(len(b))
-            b[i:i] = b[i:i + rng.randint(1, 64)]
-        else:  # large length fields: write 0xff runs
-            i = rng.randrange(len(b))
-            b[i:i + 4] = b"\xff\xff\xff\x7f"
-        yield bytes(b)
 
 
 @pytest.mark.parametrize("protocol", [2, 4])
@@ -41,7 +21,7 @@ def test_mutated_npy_files_fail_cleanly(tmp_path, protocol):
     valid = b"\x93NUMPY\x01\x00" + len(header).to_bytes(2, "little") + header + pickle.dumps(arr, protocol=protocol)
     path = tmp_path / "m.npy"
     outcomes = {"ok": 0, "error": 0}
-    for data in _mutations(valid, 300, seed=protocol):
+    for data in mutations(valid, 300, seed=protocol):
         path.write_bytes(data)
         try:
             npy_layers(read_npy_object(path), path)
