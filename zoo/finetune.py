@@ -302,11 +302,10 @@ def finetune(config: FinetuneConfig | None = None, **overrides) -> FinetuneResul
         raise ZooError("--epochs and --batch-size must be positive, --lr above 0")
 
     # --- check everything before the run folder exists
-    from zoo.registry import get_spec
-    from zoo.weights import load_weights
+    from zoo.weights import load_weights, resolve_spec
 
     weights = load_weights(cfg.weights) if cfg.weights else None
-    base_spec = weights.spec if weights and "@" not in cfg.model and weights.spec.family == cfg.model else get_spec(cfg.model)
+    base_spec = resolve_spec(cfg.model, weights)
     train, val, head = load_samples(cfg)
     spec = base_spec.with_num_classes(head)
     trained = resolve_trainable(spec.layer_names, [i.name for i in spec.weighted_layers], cfg.train, cfg.freeze)

@@ -14,9 +14,8 @@ import tensorflow as tf
 from keras import layers, ops
 
 from zoo.errors import ZooError
-from zoo.registry import get_spec
 from zoo.spec import ModelSpec
-from zoo.weights import Weights, load_weights
+from zoo.weights import Weights, load_weights, resolve_spec
 
 
 @keras.saving.register_keras_serializable("zoo")
@@ -133,17 +132,6 @@ def model_tensors(model: keras.Model, spec: ModelSpec) -> dict[str, np.ndarray]:
     return out
 
 
-def _resolve(name, weights: Weights | None) -> ModelSpec:
-    if weights is None:
-        return get_spec(name)
-    if name is None:
-        return weights.spec
-    family, _, version = (name.id if isinstance(name, ModelSpec) else name).partition("@")
-    if family != weights.spec.family or (version and version != weights.spec.version):
-        raise ZooError(f"weights are for {weights.spec.id}, not {name}", weights.path)
-    return weights.spec
-
-
 def create_model(name="alexnet", weights=None, num_classes: int | None = None) -> keras.Model:
     """Build `name` and load `weights` (a verified safetensors path or a `Weights`).
 
@@ -151,7 +139,7 @@ def create_model(name="alexnet", weights=None, num_classes: int | None = None) -
     """
     if weights is not None and not isinstance(weights, Weights):
         weights = load_weights(weights)
-    base = _resolve(name, weights)
+    base = resolve_spec(name, weights)
     spec = base.with_num_classes(num_classes) if num_classes else base
     model = build_model(spec)
     if weights is not None:

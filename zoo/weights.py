@@ -239,3 +239,19 @@ def load_weights(path) -> Weights:
         raise ZooError(f"cannot read tensors ({e})", path) from None
     check_tensors(spec, tensors, path)
     return Weights(path, spec, tensors, metadata)
+
+
+def resolve_spec(name, weights: Weights | None) -> ModelSpec:
+    """The spec to build: `name`'s, checked against the weights' own when there are weights.
+
+    "alexnet" with weights for alexnet@torchvision is that version; "alexnet@bvlc" with them is an error."""
+    from zoo.registry import get_spec
+
+    if weights is None:
+        return get_spec(name)
+    if name is None:
+        return weights.spec
+    family, _, version = (name.id if isinstance(name, ModelSpec) else name).partition("@")
+    if family != weights.spec.family or (version and version != weights.spec.version):
+        raise ZooError(f"weights are for {weights.spec.id}, not {name}", weights.path)
+    return weights.spec
