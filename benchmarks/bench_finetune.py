@@ -53,6 +53,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--images", type=int, default=240, help="images for the per-epoch measurements")
     ap.add_argument("--cache-images", type=int, default=1000, help="images for the 10-epoch feature-caching run")
+    ap.add_argument("--parts", default="1,2,3", help="which measurements: 1 engine vs fit, 2 caching, 3 vs PyTorch")
     args = ap.parse_args()
     import keras
     from caffe_reference import caffe_tensorflow_layout, caffe_weights
@@ -73,10 +74,12 @@ def main():
         train, _ = from_folder(data)
         n = len(train)
 
+        parts = set(args.parts.split(","))
         # 1. seed's setting: engine vs plain fit on in-memory arrays
         common = dict(model="alexnet", weights=str(weights), data=str(data), batch_size=64, train=["fc7", "fc8"], seed=0)
-        engine = finetune(out=str(tmp / "run1"), epochs=2, augment=True, **common)  # augmentation on: no caching
-        engine_rate = engine.history[-1]["images_per_second"]
+        if "1" in parts:
+            engine = finetune(out=str(tmp / "run1"), epochs=2, augment=True, **common)  # augmentation on: no caching
+            engine_rate = engine.history[-1]["images_per_second"]
 
         spec = get_spec("alexnet").with_num_classes(2)
         x = np.concatenate([b[0].numpy() for b in eval_dataset(train, spec, 64)])
@@ -89,31 +92,41 @@ def main():
         t = time.perf_counter()
         model.fit(x, y, batch_size=64, epochs=1, verbose=0)
         plain_rate = n / (time.perf_counter() - t)
-        rows.append(("fc7+fc8, batch 64, augmentation on", "zoo finetune (files, tf.data, callbacks)", engine_rate,
-                     "keras Model.fit, in-memory arrays", plain_rate))
+        if "1" in parts:
+            rows.append(("fc7+fc8, batch 64, augmentation on", "zoo finetune (files, tf.data, callbacks)", engine_rate,
+                         "keras Model.fit, in-memory arrays", plain_rate))
 
         # 2. feature caching, 10 epochs on a larger set, features computed inside the timed run
-        big = make_example(tmp / "big", per_class=args.cache_images // 2, size=256)
-        n_big = len(from_folder(big)[0])
-        t = time.perf_counter()
-        cached = finetune(out=str(tmp / "run2"), epochs=10, augment=False, **(common | {"data": str(big)}))
-        cached_rate = 10 * n_big / (time.perf_counter() - t)
-        assert cached.cached_features
-        rows.append((f"fc7+fc8, batch 64, 10 epochs of {n_big} images, whole run", "zoo finetune --no-augment (cached features)", cached_rate,
-                     "keras Model.fit, in-memory arrays (per epoch)", plain_rate))
-
+        if "2" in parts:
+            rows.append(cache_row(args, tmp, common, plain_rate))
         # 3. all layers: engine vs PyTorch
-        every = finetune(out=str(tmp / "run3"), epochs=2, augment=True, **(common | {"train": None}))
-        every_rate = every.history[-1]["images_per_second"]
-        p = subprocess.run([sys.executable, "-c", TORCH_JOB, str(n), "64"], capture_output=True, text=True, check=True)
-        torch_rate = json.loads(p.stdout.strip().splitlines()[-1])["images_per_second"]
-        rows.append(("all layers, batch 64", "zoo finetune", every_rate, "PyTorch 2.13 CPU, same architecture", torch_rate))
+        if "3" in parts:
+            every = finetune(out=str(tmp / "run3"), epochs=2, augment=True, **(common | {"train": None}))
+            every_rate = every.history[-1]["images_per_second"]
+            p = subprocess.run([sys.executable, "-c", TORCH_JOB, str(n), "64"], capture_output=True, text=True, check=True)
+            torch_rate = json.loads(p.stdout.strip().splitlines()[-1])["images_per_second"]
+            rows.append(("all layers, batch 64", "zoo finetune", every_rate, "PyTorch 2.13 CPU, same architecture", torch_rate))
 
     print(f"\n{n} training images of 227x227 for the per-epoch rows (alexnet@bvlc), 2 CPU cores\n")
     print("| setting | zoo | images/s | baseline | images/s | zoo / baseline |")
     print("|---|---|---|---|---|---|")
     for setting, ours, ours_rate, base, base_rate in rows:
         print(f"| {setting} | {ours} | {ours_rate:.1f} | {base} | {base_rate:.1f} | **{ours_rate / base_rate:.2f}x** |")
+
+
+def cache_row(args, tmp, common, plain_rate):
+    from zoo.data import from_folder
+    from zoo.example import make_example
+    from zoo.finetune import finetune
+
+    big = make_example(tmp / "big", per_class=args.cache_images // 2, size=256)
+    n_big = len(from_folder(big)[0])
+    t = time.perf_counter()
+    cached = finetune(out=str(tmp / "run2"), epochs=10, augment=False, **(common | {"data": str(big)}))
+    cached_rate = 10 * n_big / (time.perf_counter() - t)
+    assert cached.cached_features
+    return (f"fc7+fc8, batch 64, 10 epochs of {n_big} images, whole run", "zoo finetune --no-augment (cached features)",
+            cached_rate, "keras Model.fit, in-memory arrays (per epoch)", plain_rate)
 
 
 if __name__ == "__main__":
