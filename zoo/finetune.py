@@ -296,6 +296,16 @@ def trained_tensors(model) -> dict:
     return {v.path.replace("/", "."): v.numpy() for v in model.trainable_variables}
 
 
+def _features(base, dataset):
+    """The frozen base's output for a dataset, computed once. A tf.function loop: 35 images/s for
+    AlexNet up to fc6 here, where Model.predict managed 23."""
+    import numpy as np
+    import tensorflow as tf
+
+    forward = tf.function(lambda x: base(x, training=False), reduce_retracing=True)
+    return np.concatenate([forward(x).numpy() for x, _ in dataset])
+
+
 def _split_at(model, first_trained: str):
     """(frozen base, trainable top) sharing the layers of `model`, split before `first_trained`."""
     import keras
@@ -399,8 +409,7 @@ def finetune(config: FinetuneConfig | None = None, **overrides) -> FinetuneResul
         f"{len(train)} train / {len(val)} val images; {'cached features' if cache else 'full forward'}; run folder {run}")
     if cache:
         t = time.perf_counter()
-        train_x = base.predict(eval_dataset(train, spec, cfg.batch_size), verbose=0)
-        val_x = base.predict(eval_dataset(val, spec, cfg.batch_size), verbose=0)
+        train_x, val_x = (_features(base, eval_dataset(s, spec, cfg.batch_size)) for s in (train, val))
         say(f"cached {trained[0]}'s inputs for {len(train) + len(val)} images in {time.perf_counter() - t:.1f}s")
         order = np.concatenate([np.random.default_rng([cfg.seed, e]).permutation(len(train)) for e in range(first_epoch, cfg.epochs)])
         train_ds = tf.data.Dataset.from_tensor_slices((train_x[order], train.labels[order]))
