@@ -230,6 +230,7 @@ def _callbacks(run: Path, model, full_model, spec, classes, cfg, gradient_batch)
 
         def on_train_batch_end(self, batch, logs=None):
             self.seen += int(logs.get("size", 0)) if logs and "size" in logs else cfg.batch_size
+            self.trained = time.perf_counter()  # images/s counts training steps, not the validation pass
             if self.tty:
                 rate = self.seen / max(1e-9, time.perf_counter() - self.start)
                 steps = self.params.get("steps") or 0
@@ -239,7 +240,7 @@ def _callbacks(run: Path, model, full_model, spec, classes, cfg, gradient_batch)
 
         def on_epoch_end(self, epoch, logs=None):
             logs = logs or {}
-            rate = self.seen / max(1e-9, time.perf_counter() - self.start)
+            rate = self.seen / max(1e-9, self.trained - self.start)
             logs["images_per_second"] = rate
             print(("\r" if self.tty else "") + f"  epoch {epoch + 1}/{cfg.epochs}: loss {logs.get('loss', 0):.4f} "
                   f"acc {logs.get('accuracy', 0):.3f} val_loss {logs.get('val_loss', 0):.4f} val_acc {logs.get('val_accuracy', 0):.3f} "
