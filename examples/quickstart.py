@@ -48,6 +48,8 @@ def main():
 
     # the seed tutorial's setting: train fc7 and fc8, a new 2-class head; no augmentation, so the frozen
     # conv1..fc6 output is computed once and cached
+    print("fine-tuning on top of the SEEDED RANDOM conv1..fc6: expect chance-level accuracy here; with the real\n"
+          "bvlc_alexnet.npy the same command trains on pretrained features", flush=True)
     run = OUT / "run"
     if run.exists():
         import shutil
