@@ -139,9 +139,16 @@ def epochs_dataset(samples: Samples, spec, batch_size: int, first_epoch: int, ep
 
     steps = math.ceil(n / batch_size)
     ds = tf.data.Dataset.from_tensor_slices((order, position)).map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    # batch within each epoch (the last batch of an epoch may be smaller)
-    ds = ds.window(n).flat_map(lambda x, y: tf.data.Dataset.zip((x, y)).batch(batch_size)) if n % batch_size else ds.batch(batch_size)
-    return ds.prefetch(tf.data.AUTOTUNE), steps
+    return batch_per_epoch(ds, n, batch_size).prefetch(tf.data.AUTOTUNE), steps
+
+
+def batch_per_epoch(ds, epoch_size: int, batch_size: int):
+    """Batches that never straddle two epochs of an (x, y) dataset holding several epochs back to back."""
+    import tensorflow as tf
+
+    if epoch_size % batch_size == 0:
+        return ds.batch(batch_size)
+    return ds.window(epoch_size).flat_map(lambda x, y: tf.data.Dataset.zip((x, y)).batch(batch_size))
 
 
 def eval_dataset(samples: Samples, spec, batch_size: int):

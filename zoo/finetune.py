@@ -384,7 +384,7 @@ def finetune(config: FinetuneConfig | None = None, **overrides) -> FinetuneResul
     import numpy as np
     import tensorflow as tf
 
-    from zoo.data import epochs_dataset, eval_dataset
+    from zoo.data import batch_per_epoch, epochs_dataset, eval_dataset
     from zoo.keras_model import create_model, model_tensors
     from zoo.weights import save_weights
 
@@ -413,8 +413,7 @@ def finetune(config: FinetuneConfig | None = None, **overrides) -> FinetuneResul
         train_x, val_x = (_features(base, eval_dataset(s, spec, cfg.batch_size)) for s in (train, val))
         say(f"cached {trained[0]}'s inputs for {len(train) + len(val)} images in {time.perf_counter() - t:.1f}s")
         order = np.concatenate([np.random.default_rng([cfg.seed, e]).permutation(len(train)) for e in range(first_epoch, cfg.epochs)])
-        train_ds = tf.data.Dataset.from_tensor_slices((train_x[order], train.labels[order]))
-        train_ds = train_ds.window(len(train)).flat_map(lambda x, y: tf.data.Dataset.zip((x, y)).batch(cfg.batch_size))
+        train_ds = batch_per_epoch(tf.data.Dataset.from_tensor_slices((train_x[order], train.labels[order])), len(train), cfg.batch_size)
         val_ds = tf.data.Dataset.from_tensor_slices((val_x, val.labels)).batch(cfg.batch_size)
         gradient_batch = (train_x[: cfg.batch_size], train.labels[: cfg.batch_size])
     else:
