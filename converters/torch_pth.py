@@ -8,7 +8,6 @@ through the generic matcher: by order and shape of the weighted layers.
 
 from __future__ import annotations
 
-import mmap
 import re
 import struct
 import zipfile
@@ -21,7 +20,7 @@ import numpy as np
 from zoo import safe_pickle
 from zoo.errors import ZooError
 from zoo.hookspecs import hookimpl
-from zoo.sources import OIHW, Imported, Layer, WeightSource, fit_layers, map_file, mapping_notes
+from zoo.sources import OIHW, Imported, Layer, WeightSource, fit_layers, map_file, mapping_notes, release_pages
 
 # torch storage classes -> numpy dtypes (bfloat16 is widened to float32 after reading)
 STORAGE_DTYPES = {
@@ -131,11 +130,6 @@ class TorchFile:
             self.storages[(kind.name, key)] = (np.frombuffer(raw, dtype=dtype, count=numel), bfloat16)
         return self.storages[(kind.name, key)]
 
-    def release(self):
-        """Drop the mapped pages from this process's memory (they stay in the page cache; views refault)."""
-        if isinstance(self.data, mmap.mmap):
-            self.data.madvise(mmap.MADV_DONTNEED)
-
     def load(self):
         return safe_pickle.load(self._member(self.prefix + "data.pkl"), ALLOWED, self.persistent_load, self.path)
 
@@ -194,8 +188,8 @@ class TorchStateDict(WeightSource):
             raise ZooError(f"corrupt torch.save zip ({type(e).__name__}: {e})", path) from None
         widened = [k for k, t in state.items() if t.bfloat16]
         layers = state_dict_layers({k: t.numpy() for k, t in state.items()}, path)
-        fit = fit_layers(layers, spec, path, layout=OIHW, mapping=options.get("map"))
-        torch_file.release()  # the transposed copies are all that is used from here on
+        fit = fit_layers(layers, spec, path, layout=OIHW, mapping=options.get("map"),
+                         release=lambda w: release_pages(torch_file.data, w))
         notes = [f"converted bfloat16 to float32 (exact): {', '.join(widened)}"] if widened else []
         return Imported(fit.spec, fit.tensors, notes=notes + mapping_notes(fit), source_format="torch-zip-state-dict")
 

@@ -143,7 +143,7 @@ def _source_shape(shape: tuple[int, ...], layout: str) -> tuple[int, ...]:
     return (shape[3], shape[2], shape[0], shape[1]) if len(shape) == 4 else (shape[1], shape[0])
 
 
-def _try(spec: ModelSpec, layers: dict[str, Layer], assignment: dict[str, str], layout: str):
+def _try(spec: ModelSpec, layers: dict[str, Layer], assignment: dict[str, str], layout: str, release=None):
     """Map the layers under `assignment`: (canonical tensors or None, problems, spec re-headed to fit).
 
     Shapes are checked in the source's layout first, so only a fitting spec pays for the transforms."""
@@ -177,16 +177,19 @@ def _try(spec: ModelSpec, layers: dict[str, Layer], assignment: dict[str, str], 
     for name, (w, b) in mapped.items():
         tensors[f"{name}.kernel"] = layer_to_canonical(spec, name, w, layout)
         tensors[f"{name}.bias"] = b
+        if release and tensors[f"{name}.kernel"] is not w:
+            release(w)  # the source is no longer needed: let its pages go while the next layer is copied
     return tensors, problems, spec
 
 
 def fit_layers(layers: dict[str, Layer], requested: ModelSpec | None = None, path=None, layout: str = CANONICAL,
-               mapping: dict[str, str] | None = None) -> Fit:
+               mapping: dict[str, str] | None = None, release=None) -> Fit:
     """Find the spec these layers are: by layer names, else by the order of weighted layers (when the
     counts agree and every shape then fits), or by an explicit `mapping` {file layer: spec layer}.
 
-    Considers `requested` or every registered spec; exactly one must fit. Shapes are compared after
-    the transform from `layout` to canonical.
+    Considers `requested` or every registered spec; exactly one must fit. Shapes are compared in the
+    source's layout. `release(weight)` is called for each source weight once its transformed copy exists
+    (see release_pages: a mapped file's pages need not stay resident beside the copies).
     """
     from zoo.registry import all_specs
 
@@ -197,7 +200,7 @@ def fit_layers(layers: dict[str, Layer], requested: ModelSpec | None = None, pat
     for spec in candidates:
         # when neither names nor counts line up, report the problems by name
         for how, assignment in list(_assignments(list(layers), spec, mapping)) or [("names", {})]:
-            tensors, problems, fitted = _try(spec, layers, assignment, layout)
+            tensors, problems, fitted = _try(spec, layers, assignment, layout, release)
             if not problems:
                 fits.append(Fit(fitted, tensors, assignment, how))
                 break
@@ -227,3 +230,18 @@ def map_file(path):
         if os.fstat(f.fileno()).st_size == 0:
             return b""
         return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+
+
+def release_pages(data, arr: np.ndarray) -> None:
+    """Drop the whole pages under `arr` from this process's memory, where `arr` views the mmap `data`
+    (map_file). The file stays in the page cache; touching `arr` again reads it back in."""
+    import mmap
+
+    if not isinstance(data, mmap.mmap) or arr.size == 0:
+        return
+    base = np.frombuffer(data, np.uint8).ctypes.data
+    lo, hi = np.lib.array_utils.byte_bounds(arr)
+    page = mmap.PAGESIZE
+    start, end = -(-(lo - base) // page) * page, (hi - base) // page * page
+    if 0 <= start < end <= len(data):
+        data.madvise(mmap.MADV_DONTNEED, start, end - start)

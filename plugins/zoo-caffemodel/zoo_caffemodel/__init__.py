@@ -8,13 +8,12 @@ matcher find the spec and do the transform to the canonical layout. zoo writes a
 from __future__ import annotations
 
 import hashlib
-import mmap
 from importlib.metadata import version
 from pathlib import Path
 
 from zoo.errors import ZooError
 from zoo.hookspecs import hookimpl
-from zoo.sources import OIHW, Imported, WeightSource, fit_layers, map_file, mapping_notes
+from zoo.sources import OIHW, Imported, WeightSource, fit_layers, map_file, mapping_notes, release_pages
 from zoo_caffemodel.caffemodel import read_layers
 from zoo_caffemodel.prototxt import layer_settings
 from zoo_caffemodel.wire import WireError
@@ -78,9 +77,7 @@ class CaffeModel(WeightSource):
         weighted = {layer.name: (layer.blobs[0], layer.blobs[1] if len(layer.blobs) > 1 else None) for layer in layers if layer.blobs}
         if not weighted:
             raise ZooError(f"net {net!r} holds no blobs (a deploy net without weights?)", path)
-        fit = fit_layers(weighted, spec, path, layout=OIHW, mapping=options.get("map"))
-        if isinstance(data, mmap.mmap):
-            data.madvise(mmap.MADV_DONTNEED)  # the canonical tensors are copies: drop the mapped pages
+        fit = fit_layers(weighted, spec, path, layout=OIHW, mapping=options.get("map"), release=lambda w: release_pages(data, w))
         notes = [f"read net {net!r} ({kind}, {len(layers)} layers)"] + mapping_notes(fit) + genuine_notes(fit.spec, Path(path))
         if options.get("prototxt"):
             notes += prototxt_notes(fit.spec, options["prototxt"], layers)
