@@ -196,3 +196,8 @@ def fuzz_convert(folder, valid: bytes, suffix: str, source: str, n: int, seed: i
         except ZooError:
             errors += 1
     return errors
+
+
+def scale_error(got, want) -> float:
+    """Largest absolute difference relative to the reference's largest magnitude."""
+    return float(np.abs(got - want).max() / np.abs(want).max())

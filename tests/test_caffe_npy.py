@@ -10,7 +10,7 @@ from safetensors import safe_open
 
 from zoo import ZooError
 from zoo.conversion import convert
-from zoo.weights import load_weights, sha256_file
+from zoo.weights import file_digest, load_weights
 
 
 def test_full_size_dict_of_dicts_converts_to_verified_safetensors(seeded_npy, seeded_safetensors, seeded_layers, cli):
@@ -21,7 +21,7 @@ def test_full_size_dict_of_dicts_converts_to_verified_safetensors(seeded_npy, se
         assert len(f.keys()) == 16
     assert meta["spec"] == "alexnet@bvlc" and meta["family"] == "alexnet" and meta["version"] == "bvlc"
     assert meta["fingerprint"] == "03c3fb5195d68b99"
-    assert meta["source_sha256"] == sha256_file(seeded_npy)
+    assert meta["source_sha256"] == file_digest(seeded_npy)
     assert meta["source_format"] == "caffe-tensorflow-npy" and meta["plugin"] == "caffe"
     assert meta["plugin_package"] == "zoo" and meta["plugin_version"]
     code, out, _ = cli("verify", seeded_safetensors, "--json")

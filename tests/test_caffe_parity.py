@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 from caffe_reference import caffe_input
-from conftest import DATA
+from conftest import DATA, scale_error
 
 pytestmark = pytest.mark.slow
 
@@ -18,11 +18,6 @@ def bvlc_model(seeded_safetensors):
     import zoo
 
     return zoo.create_model("alexnet", weights=seeded_safetensors)
-
-
-def scale_error(got, want):
-    """Largest absolute difference relative to the reference's largest magnitude."""
-    return float(np.abs(got - want).max() / np.abs(want).max())
 
 
 def test_cli_converted_weights_reproduce_caffe(tmp_path, seeded_npy, reference, cli):

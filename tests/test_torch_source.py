@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
-from conftest import fuzz_convert  # noqa: E402
+from conftest import fuzz_convert, scale_error  # noqa: E402
 from torch_models import TinyNet, TorchvisionAlexNet  # noqa: E402
 
 from zoo import ZooError  # noqa: E402
@@ -26,10 +26,6 @@ def keras_logits(weights, x_nhwc):
     import zoo
 
     return zoo.create_model(None, weights=weights).predict(x_nhwc, verbose=0)
-
-
-def scale_error(got, want):
-    return float(np.abs(got - want).max() / np.abs(want).max())
 
 
 @pytest.mark.slow

@@ -14,7 +14,7 @@ from zoo.errors import ZooError
 from zoo.plugins import PluginInfo, get_plugins
 from zoo.registry import get_spec
 from zoo.spec import ModelSpec
-from zoo.weights import save_weights, sha256_file
+from zoo.weights import file_digest, save_weights
 
 
 @dataclass
@@ -78,7 +78,7 @@ def convert(path, source: str | None = None, output=None, spec: str | ModelSpec 
         raise ZooError(f"source {reader.name!r} produces {', '.join(reader.produces)}, not {requested.id}", path)
     # hash the source on the other core while it is parsed and written (hashlib releases the GIL)
     with ThreadPoolExecutor(1) as pool:
-        digest = pool.submit(sha256_file, path)
+        digest = pool.submit(file_digest, path)
         try:
             imported = reader.read(path, requested, dict(options or {}))
         except OSError as e:

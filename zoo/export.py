@@ -56,13 +56,10 @@ def open_source(path) -> Source:
 
 def check_batch(spec: ModelSpec, n: int = 4, seed: int = 1234) -> np.ndarray:
     """The fixed, seeded batch every export is checked on: images in the spec's input range, preprocessed."""
-    rng = np.random.default_rng(seed)
-    rgb = rng.uniform(0, 255, (n, *spec.input["size"], 3)).astype(np.float32)
-    lo, hi = spec.input["value_range"]
-    x = rgb * ((hi - lo) / 255.0) + lo
-    if spec.input["channel_order"] == "BGR":
-        x = x[..., ::-1]
-    return ((x - np.array(spec.input["mean"], np.float32)) / np.array(spec.input["std"], np.float32)).astype(np.float32)
+    from zoo.preprocess import np_normalize
+
+    rgb = np.random.default_rng(seed).uniform(0, 255, (n, *spec.input["size"], 3)).astype(np.float32)
+    return np_normalize(rgb, spec.input)
 
 
 def compare(name: str, got: np.ndarray, want: np.ndarray, where) -> float:

@@ -76,10 +76,6 @@ class Plugins:
         """Register an in-process plugin (tests, notebooks): same hooks, no entry point."""
         self._load(PluginInfo(name, "__main__", "0", getattr(plugin, "__name__", repr(plugin)), builtin=False), lambda: plugin)
 
-    def unregister(self, name: str):
-        self.manager.unregister(name=name)
-        self.infos = [i for i in self.infos if i.name != name]
-
     @property
     def failures(self) -> list[PluginInfo]:
         return [i for i in self.infos if i.error]

@@ -8,9 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
+from zoo.data import IMAGE_SUFFIXES
 from zoo.errors import ZooError
-
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png"}
 
 
 @dataclass

@@ -88,9 +88,13 @@ def np_eval_image(path, input_cfg: dict) -> np.ndarray:
         scale = size / min(im.size)
         im = im.resize((max(size, round(im.size[0] * scale)), max(size, round(im.size[1] * scale))), Image.BILINEAR)
         left, top = (im.size[0] - w) // 2, (im.size[1] - h) // 2
-        x = np.asarray(im.crop((left, top, left + w, top + h)), np.float32)
+        return np_normalize(np.asarray(im.crop((left, top, left + w, top + h)), np.float32), input_cfg)
+
+
+def np_normalize(rgb: np.ndarray, input_cfg: dict) -> np.ndarray:
+    """RGB in 0..255 (...xHxWx3) -> the layout a spec's `input` dict describes (as tf_normalize)."""
     scale, lo, mean, std = _constants(input_cfg)
-    x = x * scale + lo
+    x = rgb * scale + lo
     if input_cfg["channel_order"] == "BGR":
         x = x[..., ::-1]
     return ((x - mean) / std).astype(np.float32)

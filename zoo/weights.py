@@ -23,8 +23,9 @@ FORMAT_VERSION = "1"
 LAYOUT = "zoo-canonical-1"  # HWIO convs, (in, out) dense with H,W,C flatten order: docs/formats.md
 
 
-def sha256_file(path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
+def file_digest(path, algorithm: str = "sha256", chunk: int = 1 << 22) -> str:
+    """Hex digest of a whole file, read in 4 MiB blocks (hashlib releases the GIL while hashing them)."""
+    h = hashlib.new(algorithm)
     with open(path, "rb") as f:
         while block := f.read(chunk):
             h.update(block)

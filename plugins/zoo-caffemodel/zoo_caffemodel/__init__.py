@@ -7,13 +7,13 @@ matcher find the spec and do the transform to the canonical layout. zoo writes a
 
 from __future__ import annotations
 
-import hashlib
 from importlib.metadata import version
 from pathlib import Path
 
 from zoo.errors import ZooError
 from zoo.hookspecs import hookimpl
 from zoo.sources import OIHW, Imported, WeightSource, fit_layers, map_file, mapping_notes, release_pages
+from zoo.weights import file_digest
 from zoo_caffemodel.caffemodel import read_layers
 from zoo_caffemodel.prototxt import layer_settings
 from zoo_caffemodel.wire import WireError
@@ -21,20 +21,12 @@ from zoo_caffemodel.wire import WireError
 __version__ = version("zoo-caffemodel")
 
 
-def sha1_file(path) -> str:
-    h = hashlib.sha1()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 22):
-            h.update(block)
-    return h.hexdigest()
-
-
 def genuine_notes(spec, path: Path) -> list[str]:
     """Compare the file's sha1 with the spec's published reference files (Caffe's model zoo lists sha1)."""
     refs = {name: h["sha1"] for name, h in spec.provenance.get("reference_files", {}).items() if "sha1" in h}
     if not refs:
         return []
-    digest = sha1_file(path)
+    digest = file_digest(path, "sha1")
     for name, sha1 in refs.items():
         if digest == sha1:
             return [f"genuine: sha1 {digest} is that of the published {name}"]

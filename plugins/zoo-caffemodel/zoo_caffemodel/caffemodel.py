@@ -30,6 +30,17 @@ class CaffeLayer:
     group: int = 1
 
 
+def _values(buf: memoryview, wire: int, value, size: str, fixed_wire: int) -> list[np.ndarray]:
+    """A run of packed floats of `size` bytes (a zero-copy view), or, from unusual writers, one value."""
+    if wire == LENGTH:
+        if (value[1] - value[0]) % int(size):
+            raise WireError(f"{size}-byte float data whose length is not a multiple of {size}")
+        return [np.frombuffer(buf, f"<f{size}", (value[1] - value[0]) // int(size), value[0])]
+    if wire == fixed_wire:
+        return [np.array([value], f"<u{size}").view(f"<f{size}")]
+    return []
+
+
 def _blob(buf: memoryview, span) -> np.ndarray:
     dims, legacy, floats, doubles = None, {}, [], []
     for number, wire, value in fields(buf, *span):
@@ -40,20 +51,10 @@ def _blob(buf: memoryview, span) -> np.ndarray:
                     dims += packed_varints(buf, v) if w == LENGTH else [v]
         elif number in (1, 2, 3, 4) and wire == VARINT:
             legacy[number] = value
-        elif number == 5:  # data: packed (one span) or, from unusual writers, one fixed32 per value
-            if wire == LENGTH:
-                if (value[1] - value[0]) % 4:
-                    raise WireError("float data whose length is not a multiple of 4")
-                floats.append(np.frombuffer(buf, "<f4", (value[1] - value[0]) // 4, value[0]))
-            elif wire == FIXED32:
-                floats.append(np.array([value], "<u4").view("<f4"))
-        elif number == 8:
-            if wire == LENGTH:
-                if (value[1] - value[0]) % 8:
-                    raise WireError("double data whose length is not a multiple of 8")
-                doubles.append(np.frombuffer(buf, "<f8", (value[1] - value[0]) // 8, value[0]))
-            elif wire == FIXED64:
-                doubles.append(np.array([value], "<u8").view("<f8"))
+        elif number == 5:  # data (float)
+            floats += _values(buf, wire, value, "4", FIXED32)
+        elif number == 8:  # double_data
+            doubles += _values(buf, wire, value, "8", FIXED64)
     if dims is None:  # legacy num/channels/height/width; drop the leading 1s of 2-d and 1-d blobs
         dims = [legacy.get(i, 1) for i in (1, 2, 3, 4)]
         while len(dims) > 1 and dims[0] == 1:
