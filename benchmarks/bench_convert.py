@@ -3,7 +3,7 @@
 Each measurement runs in a fresh interpreter so that its peak resident memory (VmHWM) is its own;
 runs alternate between the two ways, each after os.sync(), and the median of `--repeat` runs is reported.
 
-    python benchmarks/bench_convert.py [--repeat 5] [--formats caffe,torch,caffemodel]
+    python benchmarks/bench_convert.py [--repeat 5] [--formats caffe,torch,torch-hub,caffemodel]
 """
 
 from __future__ import annotations
@@ -64,6 +64,10 @@ CASES = {
 }
 
 
+# the same state dict under torch hub's name (alexnet-owt-<sha256 prefix>.pth): zoo hashes it to check the name
+CASES["torch-hub"] = CASES["torch"]
+
+
 def make_caffe_source(folder: Path) -> Path:
     import numpy as np
     from caffe_reference import caffe_tensorflow_layout, caffe_weights
@@ -82,6 +86,13 @@ def make_torch_source(folder: Path) -> Path:
     return path
 
 
+def make_torch_hub_source(folder: Path) -> Path:
+    from zoo.weights import file_digest
+
+    path = make_torch_source(folder)
+    return path.rename(folder / f"alexnet-owt-{file_digest(path)[:8]}.pth")
+
+
 def make_caffemodel_source(folder: Path) -> Path:
     from caffe_proto import write_caffemodel
     from caffe_reference import caffe_weights
@@ -91,7 +102,8 @@ def make_caffemodel_source(folder: Path) -> Path:
     return path
 
 
-SOURCES = {"caffe": make_caffe_source, "torch": make_torch_source, "caffemodel": make_caffemodel_source}
+SOURCES = {"caffe": make_caffe_source, "torch": make_torch_source, "torch-hub": make_torch_hub_source,
+           "caffemodel": make_caffemodel_source}
 
 
 def run(code: str, src: Path, out: Path) -> dict:

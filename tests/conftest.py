@@ -56,7 +56,7 @@ def seeded_safetensors(tmp_path_factory, seeded_npy):
     from zoo.conversion import convert
 
     out = tmp_path_factory.mktemp("st") / "bvlc_alexnet.safetensors"
-    convert(seeded_npy, output=out)
+    convert(seeded_npy, output=out, sha256=True)
     return out
 
 

@@ -28,6 +28,16 @@ def test_full_size_dict_of_dicts_converts_to_verified_safetensors(seeded_npy, se
     assert code == 0 and json.loads(out)["spec"] == "alexnet@bvlc"
 
 
+def test_source_sha256_is_recorded_on_request_or_when_the_name_can_be_checked(tmp_path, cli, tiny_spec):
+    src = tmp_path / "tiny.npy"
+    np.save(src, {k: {"weights": w, "biases": b} for k, (w, b) in small_layers().items()})
+    code, out, _ = cli("convert", src)
+    assert code == 0 and " sha256 " not in out and "source_sha256" not in load_weights(tmp_path / "tiny.safetensors").metadata
+    code, out, _ = cli("convert", src, "--sha256", "-o", tmp_path / "hashed.safetensors")
+    assert code == 0 and f"sha256 {file_digest(src)[:16]}" in out
+    assert load_weights(tmp_path / "hashed.safetensors").metadata["source_sha256"] == file_digest(src)
+
+
 def test_python2_dict_of_lists_as_in_the_seed_tutorial(tmp_path, cli):
     layers = small_layers()
     src = tmp_path / "seed.npy"
@@ -134,17 +144,16 @@ def test_wrong_formats_get_one_clear_line(tmp_path, cli):
     assert sorted(os.listdir(tmp_path)) == sorted(cases)  # no output, no temporary file
 
 
-def test_failure_while_writing_leaves_nothing(tmp_path, tiny_spec, monkeypatch):
+def test_failure_while_writing_leaves_nothing(tmp_path, tiny_spec, monkeypatch, cli):
     src = _bad(tmp_path, small_layers(), "w.npy")
 
-    def broken_save(tensors, filename, metadata=None):
-        with open(filename, "wb") as f:
-            f.write(b"partial")
+    def disk_full(fd, offset, length):
+        os.write(fd, b"partial")
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr("safetensors.numpy.save_file", broken_save)
-    with pytest.raises(OSError):
-        convert(src)
+    monkeypatch.setattr("os.posix_fallocate", disk_full)
+    code, _, err = cli("convert", src)
+    assert code == 1 and err.strip().endswith("w.safetensors: cannot write: No space left on device")
     assert os.listdir(tmp_path) == ["w.npy"]
 
 

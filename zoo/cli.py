@@ -115,14 +115,14 @@ def cmd_convert(args):
             options["map"] = json.loads(Path(args.map).read_text())
         except (OSError, ValueError) as e:
             raise ZooError(f"cannot read the layer mapping ({e})", args.map) from None
-    result = convert(path, source=source, output=args.output, spec=args.spec, options=options)
+    result = convert(path, source=source, output=args.output, spec=args.spec, options=options, sha256=args.sha256 or None)
     if args.json:
         _print_json(result.to_dict())
         return 0
     for note in result.notes:
         print(f"note: {note}")
     print(f"wrote {result.output}: {result.spec} (fingerprint {result.fingerprint}), {result.num_params:,} parameters, "
-          f"verified; source {result.source} sha256 {result.source_sha256[:16]}...")
+          f"verified; source {result.source}" + (f" sha256 {result.source_sha256[:16]}..." if result.source_sha256 else ""))
     return 0
 
 
@@ -137,7 +137,7 @@ def cmd_verify(args):
     else:
         print(f"ok: {args.file} holds every tensor of {w.spec.id} ({w.spec.num_classes} classes, fingerprint "
               f"{w.spec.fingerprint}) with the right shapes and dtypes, all finite; source "
-              f"{w.metadata.get('source_format', '?')} sha256 {w.metadata.get('source_sha256', '?')[:16]}")
+              f"{w.metadata.get('source_format', '?')}" + (f" sha256 {w.metadata['source_sha256'][:16]}" if "source_sha256" in w.metadata else ""))
     return 0
 
 
@@ -228,11 +228,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_info)
 
     p = sub.add_parser("convert", help="convert foreign weights into verified safetensors",
-                       usage="zoo convert [SOURCE] FILE [-o OUT] [--spec NAME@VERSION] [--map MAP.json] [--json]")
+                       usage="zoo convert [SOURCE] FILE [-o OUT] [--spec NAME@VERSION] [--map MAP.json] [--sha256] [--json]")
     p.add_argument("args", nargs="+", metavar="[SOURCE] FILE", help="weight source (see `zoo plugins`; recognised from the file when left out) and the file")
     p.add_argument("-o", "--output", help="output path (default: FILE's stem + .safetensors)")
     p.add_argument("--spec", help="the spec the weights are for (default: the one whose tensors match)")
     p.add_argument("--map", help="JSON file mapping the file's layer names to the spec's")
+    p.add_argument("--sha256", action="store_true", help="record the source's sha256 (done anyway when its name can be "
+                   "checked: torch hub's hash prefix, a published file's name)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_convert)
 

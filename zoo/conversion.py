@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from concurrent.futures import ThreadPoolExecutor
@@ -14,7 +15,7 @@ from zoo.errors import ZooError
 from zoo.plugins import PluginInfo, get_plugins
 from zoo.registry import get_spec
 from zoo.spec import ModelSpec
-from zoo.weights import file_digest, save_weights
+from zoo.weights import Deferred, file_digest, save_weights
 
 
 @dataclass
@@ -23,7 +24,7 @@ class ConvertResult:
     spec: str
     fingerprint: str
     source: str
-    source_sha256: str
+    source_sha256: str | None  # None when not computed (see wants_sha256)
     num_params: int
     notes: list[str] = field(default_factory=list)
 
@@ -60,8 +61,19 @@ def default_output(path: Path) -> Path:
     return path.with_name(path.name.split(".")[0] + ".safetensors")
 
 
+def wants_sha256(filename: str) -> bool:
+    """Whether the source's sha256 can tell the user something: torch hub's hash prefix in the name, or the
+    name of a spec's published reference file. Hashing 244 MB costs ~0.35 s of a core, more than the rest
+    of a conversion, so other files are hashed only on request (--sha256)."""
+    from zoo.registry import all_specs
+
+    return bool(_HASH_IN_NAME.search(filename)) or any(
+        filename in s.provenance.get("reference_files", {}) for s in all_specs().values())
+
+
 def convert(path, source: str | None = None, output=None, spec: str | ModelSpec | None = None,
-            options: dict | None = None) -> ConvertResult:
+            options: dict | None = None, sha256: bool | None = None) -> ConvertResult:
+    """Convert `path` to verified safetensors at `output`; `sha256` records the source's hash (default: wants_sha256)."""
     path = Path(path)
     if not path.is_file():
         raise ZooError("no such file" if not path.exists() else "not a regular file", path)
@@ -78,7 +90,7 @@ def convert(path, source: str | None = None, output=None, spec: str | ModelSpec 
         raise ZooError(f"source {reader.name!r} produces {', '.join(reader.produces)}, not {requested.id}", path)
     # hash the source on the other core while it is parsed and written (hashlib releases the GIL)
     with ThreadPoolExecutor(1) as pool:
-        digest = pool.submit(file_digest, path)
+        digest = pool.submit(file_digest, path) if (wants_sha256(path.name) if sha256 is None else sha256) else None
         try:
             imported = reader.read(path, requested, dict(options or {}))
         except OSError as e:
@@ -96,7 +108,8 @@ def _write(path, output, requested, imported, info, reader, digest) -> ConvertRe
         want = np.dtype(target.tensors[name].dtype) if name in target.tensors else arr.dtype
         if arr.dtype != want and np.issubdtype(arr.dtype, np.floating):
             cast.setdefault(f"{arr.dtype} to {want}", []).append(name)
-            arr = arr.astype(want)
+            # a Deferred transform casts as it writes
+            arr = dataclasses.replace(arr, dtype=want) if isinstance(arr, Deferred) else arr.astype(want)
         tensors[name] = arr
     imported.notes += [f"converted {how}: {', '.join(names)}" for how, names in cast.items()]
     metadata = imported.metadata | {
@@ -108,9 +121,10 @@ def _write(path, output, requested, imported, info, reader, digest) -> ConvertRe
         "weight_source": reader.name,
         "notes": json.dumps(imported.notes),
     }
-    save_weights(output, target, tensors, metadata, pending_digests={"source_sha256": digest})
-    notes = imported.notes + provenance_notes(target, path.name, digest.result())
-    return ConvertResult(output, target.id, target.fingerprint, reader.name, digest.result(), target.num_params, notes)
+    save_weights(output, target, tensors, metadata, pending_digests={"source_sha256": digest} if digest else {})
+    sha256 = digest.result() if digest else None
+    notes = imported.notes + (provenance_notes(target, path.name, sha256) if sha256 else [])
+    return ConvertResult(output, target.id, target.fingerprint, reader.name, sha256, target.num_params, notes)
 
 
 _HASH_IN_NAME = re.compile(r"-([0-9a-f]{8,64})\.[A-Za-z0-9]+$")  # torch hub: alexnet-owt-7be5be79.pth
