@@ -167,6 +167,20 @@ def test_existing_output_is_untouched_when_a_convert_fails(tmp_path, tiny_spec):
     assert out.read_bytes() == b"previous good file"
 
 
+def test_mapped_load_gives_the_same_tensors_as_views_and_catches_nan(tmp_path, tiny_spec):
+    result = convert(_bad(tmp_path, small_layers(), "w.npy"))
+    copied, mapped = load_weights(result.output), load_weights(result.output, mapped=True)
+    for name, arr in copied.tensors.items():
+        np.testing.assert_array_equal(mapped.tensors[name], arr)
+        assert not mapped.tensors[name].flags.writeable and not mapped.tensors[name].flags.owndata
+        mapped.release(mapped.tensors[name])  # pages go; the values come back from the file when read
+        np.testing.assert_array_equal(mapped.tensors[name], arr)
+    good = result.output.read_bytes()
+    result.output.write_bytes(good[:-4] + np.array([np.nan], np.float32).tobytes())
+    with pytest.raises(ZooError, match="holds NaN"):
+        load_weights(result.output, mapped=True)
+
+
 def test_verify_catches_tampering(tmp_path, tiny_spec, cli):
     result = convert(_bad(tmp_path, small_layers(), "w.npy"))
     good = result.output.read_bytes()

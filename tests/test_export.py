@@ -59,6 +59,28 @@ def test_exports_match_keras_tf_and_onnx_runtime(narrow_run, tmp_path):
     assert json.loads({p.key: p.value for p in model.metadata_props}["zoo.classes"]) == ["circle", "square"]
 
 
+def test_streamed_onnx_file_is_the_model_onnx_helper_would_build(narrow_run, tmp_path):
+    import onnx
+    from onnx import helper, numpy_helper
+
+    from zoo.export import onnx_graph, open_source, write_onnx
+
+    src = open_source(narrow_run)
+    model, inits = onnx_graph(src.spec, src.weights.tensors, src.classes)
+    write_onnx(tmp_path / "streamed.onnx", model, inits, release=src.weights.release)
+    whole = onnx.ModelProto()
+    whole.CopyFrom(model)
+    whole.graph.initializer.extend(numpy_helper.from_array(np.ascontiguousarray(a), n) for n, a in inits)
+    streamed = onnx.load(str(tmp_path / "streamed.onnx"))
+    assert helper.printable_graph(streamed.graph) == helper.printable_graph(whole.graph)
+    for got, want in zip(streamed.graph.initializer, whole.graph.initializer, strict=True):
+        assert got.name == want.name and list(got.dims) == list(want.dims)
+        np.testing.assert_array_equal(numpy_helper.to_array(got), numpy_helper.to_array(want))
+    conv1 = dict(zip((n for n, _ in inits), (a for _, a in inits)))["conv1.weight"]
+    np.testing.assert_array_equal(conv1, src.weights.tensors["conv1.kernel"].transpose(3, 2, 0, 1))  # OIHW
+    onnx.checker.check_model(str(tmp_path / "streamed.onnx"), full_check=True)
+
+
 def test_raw_image_signatures_match_the_python_preprocessing(narrow_run, tmp_path, example_data):
     import tensorflow as tf
 

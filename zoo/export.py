@@ -47,7 +47,7 @@ def category_names(spec: ModelSpec) -> list[str] | None:
 def open_source(path) -> Source:
     """A run folder (weights.safetensors, classes.txt) or a verified weights file."""
     path = Path(path)
-    weights = load_weights(path / "weights.safetensors" if path.is_dir() else path)
+    weights = load_weights(path / "weights.safetensors" if path.is_dir() else path, mapped=True)
     classes = weights.classes or category_names(weights.spec) or [str(i) for i in range(weights.spec.num_classes)]
     if len(classes) != weights.spec.num_classes:
         raise ZooError(f"{len(classes)} class names for a {weights.spec.num_classes}-class head", path)
@@ -77,10 +77,11 @@ def compare(name: str, got: np.ndarray, want: np.ndarray, where) -> float:
 # --- ONNX -------------------------------------------------------------------------------------------
 
 
-def onnx_model(spec: ModelSpec, tensors: dict[str, np.ndarray], classes: list[str], opset: int = DEFAULT_OPSET):
-    """The spec as an ONNX graph: NHWC float input `image`, outputs `logits` and `probabilities`."""
+def onnx_graph(spec: ModelSpec, tensors: dict[str, np.ndarray], classes: list[str], opset: int = DEFAULT_OPSET):
+    """The spec as an ONNX model without its weights, and the weights as [(initializer name, array in the
+    ONNX layout: a view of `tensors` where possible)]. NHWC float input `image`, outputs `logits` and `probabilities`."""
     import onnx
-    from onnx import TensorProto, helper, numpy_helper
+    from onnx import TensorProto, helper
 
     nodes, inits = [], []
     h, w = spec.input["size"]
@@ -91,8 +92,8 @@ def onnx_model(spec: ModelSpec, tensors: dict[str, np.ndarray], classes: list[st
     for info in spec.layer_infos:
         c, name, out = info.config, info.name, info.name
         if info.kind == "conv":
-            kernel = np.ascontiguousarray(tensors[f"{name}.kernel"].transpose(3, 2, 0, 1))  # HWIO -> OIHW
-            inits += [numpy_helper.from_array(kernel, f"{name}.weight"), numpy_helper.from_array(tensors[f"{name}.bias"], f"{name}.bias")]
+            kernel = tensors[f"{name}.kernel"].transpose(3, 2, 0, 1)  # HWIO -> OIHW
+            inits += [(f"{name}.weight", kernel), (f"{name}.bias", tensors[f"{name}.bias"])]
             p = c.get("pad", 0)
             nodes.append(helper.make_node("Conv", [x, f"{name}.weight", f"{name}.bias"], [out], name=name,
                                           kernel_shape=[c["kernel"]] * 2, strides=[c.get("stride", 1)] * 2, pads=[p] * 4,
@@ -110,7 +111,7 @@ def onnx_model(spec: ModelSpec, tensors: dict[str, np.ndarray], classes: list[st
             nodes.append(helper.make_node("Transpose", [x], [f"{name}_nhwc"], perm=[0, 2, 3, 1]))
             nodes.append(helper.make_node("Flatten", [f"{name}_nhwc"], [out], name=name, axis=1))
         elif info.kind == "dense":
-            inits += [numpy_helper.from_array(tensors[f"{name}.kernel"], f"{name}.weight"), numpy_helper.from_array(tensors[f"{name}.bias"], f"{name}.bias")]
+            inits += [(f"{name}.weight", tensors[f"{name}.kernel"]), (f"{name}.bias", tensors[f"{name}.bias"])]
             nodes.append(helper.make_node("Gemm", [x, f"{name}.weight", f"{name}.bias"], [out], name=name))
         elif info.kind == "dropout":
             continue  # inference: identity
@@ -125,29 +126,71 @@ def onnx_model(spec: ModelSpec, tensors: dict[str, np.ndarray], classes: list[st
     graph = helper.make_graph(
         nodes, spec.id, [helper.make_tensor_value_info("image", TensorProto.FLOAT, [batch, h, w, 3])],
         [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [batch, spec.num_classes]),
-         helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, [batch, spec.num_classes])],
-        initializer=inits)
+         helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, [batch, spec.num_classes])])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], producer_name="zoo")
     model.ir_version = min(model.ir_version, onnx.IR_VERSION)
     meta = {"zoo.spec": spec.id, "zoo.fingerprint": spec.fingerprint, "zoo.classes": json.dumps(classes),
             "zoo.input": json.dumps(spec.input), "zoo.layout": "NHWC, preprocessed as zoo.input says"}
     helper.set_model_props(model, meta)
-    return model
+    return model, inits
 
 
-def export_onnx(src: Source, out: Path, opset: int = DEFAULT_OPSET, reference: np.ndarray | None = None) -> Path:
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        out.append((n & 0x7F) | (0x80 if n > 0x7F else 0))
+        n >>= 7
+        if not n:
+            return bytes(out)
+
+
+def _field(number: int, length: int) -> bytes:
+    """The key and length of a length-delimited protobuf field (wire type 2)."""
+    return _varint(number << 3 | 2) + _varint(length)
+
+
+def write_onnx(path: Path, model, inits: list[tuple[str, np.ndarray]], release=None) -> None:
+    """Write `model` with `inits` as initializers, streaming each weight from its array to the file.
+
+    protobuf merges repeated occurrences of a message field, so the file is the weightless model followed,
+    per initializer, by `ModelProto.graph { initializer { dims, data_type, name, raw_data } }`: the same
+    model as one with all initializers inside, without ever building it (onnx.helper would hold the
+    weights as protobuf, then serialise a second copy). `release(array)` follows each write."""
+    from onnx import TensorProto, helper
+
+    with open(path, "wb") as f:
+        f.write(model.SerializeToString())
+        for name, arr in inits:
+            data = np.ascontiguousarray(arr, dtype=arr.dtype.newbyteorder("<"))
+            head = TensorProto(name=name, dims=arr.shape, data_type=helper.np_dtype_to_tensor_dtype(arr.dtype)).SerializeToString()
+            tensor = len(head) + len(_field(9, data.nbytes)) + data.nbytes
+            graph = len(_field(5, tensor)) + tensor
+            f.write(_field(7, graph) + _field(5, tensor) + head + _field(9, data.nbytes))
+            f.write(memoryview(data.reshape(-1)).cast("B"))
+            del data
+            if release:
+                release(arr)
+
+
+def export_onnx(src: Source, out: Path, reference, opset: int = DEFAULT_OPSET) -> Path:
+    """Write model.onnx, check it (onnx.checker, then ONNX Runtime against `reference()`, the Keras
+    model's logits on check_batch), and only then rename it into place.
+
+    No TensorFlow is needed until `reference()` is called, after the ONNX Runtime session is gone: the
+    two runtimes' memory never adds up."""
     import onnx
     import onnxruntime as ort
 
     target = out / "model.onnx"
     tmp = out / ".model.onnx.tmp"
     try:
-        onnx.save_model(onnx_model(src.spec, src.weights.tensors, src.classes, opset), tmp)
+        model, inits = onnx_graph(src.spec, src.weights.tensors, src.classes, opset)
+        write_onnx(tmp, model, inits, release=src.weights.release)
         onnx.checker.check_model(str(tmp), full_check=True)
         session = ort.InferenceSession(str(tmp), providers=["CPUExecutionProvider"])
-        if reference is not None:
-            got = session.run(["logits"], {"image": check_batch(src.spec)})[0]
-            compare("the ONNX model (ONNX Runtime)", got, reference, target)
+        got = session.run(["logits"], {"image": check_batch(src.spec)})[0]
+        del session
+        compare("the ONNX model (ONNX Runtime)", got, reference(), target)
         os.replace(tmp, target)
     except onnx.checker.ValidationError as e:
         raise ZooError(f"onnx.checker rejected the model: {str(e).splitlines()[0]}", target) from None
@@ -226,14 +269,22 @@ def export(source, formats=FORMATS, out=None, opset: int = DEFAULT_OPSET) -> lis
     src = open_source(source)
     out = Path(out) if out else (Path(source) if Path(source).is_dir() else Path(source).parent) / "exported"
     out.mkdir(parents=True, exist_ok=True)
-    from zoo.keras_model import create_model
+    from functools import cache
 
-    model = create_model(None, weights=src.weights)
-    reference = model.predict(check_batch(src.spec), verbose=0)
+    @cache
+    def keras_model():  # built when first needed: after the ONNX check, so TensorFlow loads only then
+        from zoo.keras_model import create_model
+
+        return create_model(None, weights=src.weights)
+
+    @cache
+    def reference():
+        return keras_model().predict(check_batch(src.spec), verbose=0)
+
     written = []
     if "onnx" in formats:
-        written.append(export_onnx(src, out, opset, reference))
+        written.append(export_onnx(src, out, reference, opset))
     if "savedmodel" in formats:
-        written.append(export_savedmodel(src, out, model, reference))
+        written.append(export_savedmodel(src, out, keras_model(), reference()))
     (out / "classes.txt").write_text("\n".join(src.classes) + "\n")
     return written

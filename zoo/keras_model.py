@@ -22,9 +22,10 @@ from zoo.weights import Weights, load_weights, resolve_spec
 class SpecConv2D(layers.Layer):
     """Conv with Caffe/PyTorch-style symmetric padding and groups; kernel (kh, kw, in/groups, out)."""
 
-    def __init__(self, filters, kernel_size, stride=1, pad=0, groups=1, activation=None, **kwargs):
+    def __init__(self, filters, kernel_size, stride=1, pad=0, groups=1, activation=None, kernel_initializer="glorot_uniform", **kwargs):
         super().__init__(**kwargs)
         self.filters, self.kernel_size, self.stride, self.pad, self.groups = filters, kernel_size, stride, pad, groups
+        self.kernel_initializer = kernel_initializer
         self.activation = keras.activations.get(activation)
         self._activation_name = activation
         # symmetric padding that "same" reproduces exactly: odd kernel, stride 1
@@ -34,7 +35,7 @@ class SpecConv2D(layers.Layer):
         in_channels = input_shape[-1]
         k = self.kernel_size
         self.kernel = self.add_weight(name="kernel", shape=(k, k, in_channels // self.groups, self.filters),
-                                      initializer="glorot_uniform")
+                                      initializer=self.kernel_initializer)
         self.bias = self.add_weight(name="bias", shape=(self.filters,), initializer="zeros")
 
     def call(self, x):
@@ -57,7 +58,8 @@ class SpecConv2D(layers.Layer):
 
     def get_config(self):
         return super().get_config() | {"filters": self.filters, "kernel_size": self.kernel_size, "stride": self.stride,
-                                       "pad": self.pad, "groups": self.groups, "activation": self._activation_name}
+                                       "pad": self.pad, "groups": self.groups, "activation": self._activation_name,
+                                       "kernel_initializer": self.kernel_initializer}
 
 
 @keras.saving.register_keras_serializable("zoo")
@@ -80,11 +82,11 @@ class CaffeLRN(layers.Layer):
         return super().get_config() | {"size": self.size, "alpha": self.alpha, "beta": self.beta, "k": self.k}
 
 
-def _keras_layer(info):
+def _keras_layer(info, init="glorot_uniform"):
     c, name = info.config, info.name
     if info.kind == "conv":
         return SpecConv2D(c["filters"], c["kernel"], c.get("stride", 1), c.get("pad", 0), c.get("groups", 1),
-                          c.get("activation"), name=name)
+                          c.get("activation"), init, name=name)
     if info.kind == "lrn":
         return CaffeLRN(c["size"], c["alpha"], c["beta"], c.get("k", 1.0), name=name)
     if info.kind in ("maxpool", "avgpool"):
@@ -95,19 +97,22 @@ def _keras_layer(info):
     if info.kind == "flatten":
         return layers.Flatten(name=name)
     if info.kind == "dense":
-        return layers.Dense(c["units"], activation=c.get("activation"), name=name)
+        return layers.Dense(c["units"], activation=c.get("activation"), kernel_initializer=init, name=name)
     if info.kind == "dropout":
         return layers.Dropout(c["rate"], name=name)
     raise ZooError(f"layer kind {info.kind!r} has no Keras builder")
 
 
-def build_model(spec: ModelSpec) -> keras.Model:
-    """An uninitialised-weights keras.Model computing `spec` on inputs preprocessed as the spec says."""
+def build_model(spec: ModelSpec, loaded=()) -> keras.Model:
+    """A randomly initialised keras.Model computing `spec` on inputs preprocessed as the spec says.
+
+    Layers named in `loaded` start at zeros instead: their weights are about to be assigned, and a random
+    initialisation would cost time and, transiently, several copies of the biggest kernel."""
     inputs = keras.Input(shape=spec.input_shape, name="image")
     x = inputs
     previous = spec.input_shape
     for info in spec.layer_infos:
-        layer = _keras_layer(info)
+        layer = _keras_layer(info, "zeros" if info.name in loaded else "glorot_uniform")
         if layer is None:  # adaptive average pooling: the spec checked that the input tiles exactly
             factor = previous[0] // info.config["output"]
             layer = layers.AveragePooling2D(factor, name=info.name) if factor > 1 else layers.Identity(name=info.name)
@@ -116,11 +121,15 @@ def build_model(spec: ModelSpec) -> keras.Model:
     return keras.Model(inputs, x, name=spec.id.replace("@", "_"))
 
 
-def assign_weights(model: keras.Model, spec: ModelSpec, tensors: dict[str, np.ndarray], skip=()) -> None:
+def assign_weights(model: keras.Model, spec: ModelSpec, tensors: dict[str, np.ndarray], skip=(), release=None) -> None:
+    """Set each weighted layer from `tensors`; `release(array)` follows each (mapped weights let pages go)."""
     for info in spec.weighted_layers:
         if info.name in skip:
             continue
-        model.get_layer(info.name).set_weights([tensors[t.name] for t in info.tensors])
+        values = [tensors[t.name] for t in info.tensors]
+        model.get_layer(info.name).set_weights(values)
+        for value in values if release else ():
+            release(value)
 
 
 def model_tensors(model: keras.Model, spec: ModelSpec) -> dict[str, np.ndarray]:
@@ -141,7 +150,8 @@ def create_model(name="alexnet", weights=None, num_classes: int | None = None) -
         weights = load_weights(weights)
     base = resolve_spec(name, weights)
     spec = base.with_num_classes(num_classes) if num_classes else base
-    model = build_model(spec)
+    skip = (spec.head,) if weights is not None and spec.num_classes != base.num_classes else ()
+    model = build_model(spec, loaded=[i.name for i in spec.weighted_layers if weights is not None and i.name not in skip])
     if weights is not None:
-        assign_weights(model, spec, weights.tensors, skip=(spec.head,) if spec.num_classes != base.num_classes else ())
+        assign_weights(model, spec, weights.tensors, skip=skip, release=weights.release)
     return model

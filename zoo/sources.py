@@ -7,13 +7,13 @@ The core checks, writes and re-reads the result; a source never writes files.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from zoo.errors import ZooError
+from zoo.mapped import map_file, release_pages  # noqa: F401 (the plugin API: docs/plugins.md)
 from zoo.spec import ModelSpec
 from zoo.weights import Deferred
 
@@ -224,28 +224,3 @@ def mapping_notes(fit: Fit) -> list[str]:
         return []
     pairs = ", ".join(f"{f} -> {t}" for f, t in fit.mapping.items())
     return [f"layers matched to {fit.spec.id} by {'the given map' if fit.how == 'map' else 'order and shape'}: {pairs}"]
-
-
-def map_file(path):
-    """The file's bytes, memory-mapped read-only (zero-copy for readers that slice it); b"" when empty."""
-    import mmap
-
-    with open(path, "rb") as f:
-        if os.fstat(f.fileno()).st_size == 0:
-            return b""
-        return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-
-
-def release_pages(data, arr: np.ndarray) -> None:
-    """Drop the whole pages under `arr` from this process's memory, where `arr` views the mmap `data`
-    (map_file). The file stays in the page cache; touching `arr` again reads it back in."""
-    import mmap
-
-    if not isinstance(data, mmap.mmap) or arr.size == 0:
-        return
-    base = np.frombuffer(data, np.uint8).ctypes.data
-    lo, hi = np.lib.array_utils.byte_bounds(arr)
-    page = mmap.PAGESIZE
-    start, end = -(-(lo - base) // page) * page, (hi - base) // page * page
-    if 0 <= start < end <= len(data):
-        data.madvise(mmap.MADV_DONTNEED, start, end - start)

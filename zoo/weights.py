@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from zoo.errors import ZooError
+from zoo.mapped import drop_pages, map_file, release_pages
 from zoo.spec import ModelSpec
 
 FORMAT_VERSION = "1"
@@ -177,9 +178,9 @@ def _place(f, base: int, tensors: dict, offsets: list[int]) -> None:
                 src, flat = np.ascontiguousarray(t).reshape(-1), dst.reshape(-1)
                 for i in range(0, flat.size, _CHUNK):
                     flat[i:i + _CHUNK] = src[i:i + _CHUNK]
-                    _drop_pages(mapped, base + start + i * flat.itemsize, min(base + end, base + start + (i + _CHUNK) * flat.itemsize))
+                    drop_pages(mapped, base + start + i * flat.itemsize, min(base + end, base + start + (i + _CHUNK) * flat.itemsize))
             del dst
-            _drop_pages(mapped, base + start, base + end)
+            drop_pages(mapped, base + start, base + end)
 
 
 def _digest_value(key: str, value: str, path: Path) -> str:
@@ -220,19 +221,10 @@ def _non_finite(tmp: Path, tensors: dict) -> list[str]:
                 values = np.frombuffer(mapped, dtype, (hi - lo) // dtype.itemsize, lo)
                 finite = finite and bool(np.isfinite(values).all())
                 del values  # the mapping cannot close while a view of it exists
-                _drop_pages(mapped, lo, hi)
+                drop_pages(mapped, lo, hi)
             if not finite:
                 problems.append(f"{name} holds NaN or infinite values")
     return problems
-
-
-def _drop_pages(mapped, start: int, end: int) -> None:
-    """Unmap the whole pages of [start, end) from this process; the file keeps them (page cache)."""
-    import mmap
-
-    lo, hi = -(-start // mmap.PAGESIZE) * mmap.PAGESIZE, end // mmap.PAGESIZE * mmap.PAGESIZE
-    if hi > lo:
-        mapped.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
 
 
 @dataclass
@@ -241,6 +233,11 @@ class Weights:
     spec: ModelSpec
     tensors: dict[str, np.ndarray]
     metadata: dict[str, str]
+    mapping: object = None  # the file's mmap when the tensors are views of it (load_weights(mapped=True))
+
+    def release(self, view: np.ndarray) -> None:
+        """Let the pages under `view` (of a mapped tensor) go once used; a no-op for tensors in memory."""
+        release_pages(self.mapping, view)
 
     @property
     def classes(self) -> list[str] | None:
@@ -281,20 +278,45 @@ def spec_of(path, metadata: dict[str, str]) -> ModelSpec:
     return spec
 
 
-def load_weights(path) -> Weights:
-    """Read and fully verify a zoo weights file."""
+def load_weights(path, mapped: bool = False) -> Weights:
+    """Read and fully verify a zoo weights file.
+
+    `mapped=True` gives read-only views of the memory-mapped file instead of copies: a reader that uses
+    one tensor at a time and calls `Weights.release` never holds the whole model (export does this)."""
     from safetensors import safe_open
 
     path = Path(path)
     metadata = read_header(path)
     spec = spec_of(path, metadata)
+    mapping = None
     try:
-        with safe_open(path, framework="numpy") as f:
-            tensors = {name: f.get_tensor(name) for name in f.keys()}
+        if mapped:
+            mapping = map_file(path)
+            tensors = _views(mapping)
+        else:
+            with safe_open(path, framework="numpy") as f:
+                tensors = {name: f.get_tensor(name) for name in f.keys()}
     except Exception as e:
         raise ZooError(f"cannot read tensors ({e})", path) from None
-    check_tensors(spec, tensors, path)
-    return Weights(path, spec, tensors, metadata)
+    check_tensors(spec, tensors, path, values=not mapped)
+    if mapped:  # the values, scanned a chunk at a time with the pages dropped behind
+        _raise_problems(spec, _non_finite(path, {n: tensors[n] for n in spec.tensors}), path)
+    return Weights(path, spec, tensors, metadata, mapping)
+
+
+def _views(mapping) -> dict[str, np.ndarray]:
+    """Each tensor of a safetensors file (already parsed by safetensors itself) as a view of its mapping."""
+    codes = {code: np.dtype(name).newbyteorder("<") for name, code in _DTYPES.items()}
+    header_len = int.from_bytes(mapping[:8], "little")
+    header = json.loads(mapping[8:8 + header_len])
+    header.pop("__metadata__", None)
+    tensors = {}
+    for name, entry in header.items():
+        dtype = codes[entry["dtype"]]
+        start, end = entry["data_offsets"]
+        count = (end - start) // dtype.itemsize
+        tensors[name] = np.frombuffer(mapping, dtype, count, 8 + header_len + start).reshape(entry["shape"])
+    return tensors
 
 
 def resolve_spec(name, weights: Weights | None) -> ModelSpec:
