@@ -5,15 +5,17 @@
 2. the same with feature caching over 10 epochs (features computed once, included in the time);
 3. all layers trained: the engine vs PyTorch 2.13 CPU training the same architecture (groups, LRN).
 
-    python benchmarks/bench_finetune.py [--images 256]
+    python benchmarks/bench_finetune.py [--images 240] [--cache-images 1000] [--parts 1,2,3] [--repeat 3]
 
 Images/s of a training epoch are taken after a warm-up epoch. Seeded random weights (not pretrained).
+Each measurement runs in a fresh interpreter.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -49,93 +51,123 @@ print(json.dumps({"images_per_second": epoch(), "threads": torch.get_num_threads
 """
 
 
+def plain_fit_rate(weights: str, data: str) -> float:
+    """A plain `keras Model.fit` of fc7+fc8 on preprocessed in-memory arrays: images/s of the second epoch."""
+    import keras
+
+    from zoo.data import eval_dataset, from_folder
+    from zoo.keras_model import create_model
+    from zoo.registry import get_spec
+
+    train, _ = from_folder(data)
+    spec = get_spec("alexnet").with_num_classes(2)
+    x = np.concatenate([b[0].numpy() for b in eval_dataset(train, spec, 64)])
+    model = create_model(None, weights=weights, num_classes=2)
+    for layer in model.layers:
+        layer.trainable = layer.name in ("fc7", "fc8")
+    model.compile(keras.optimizers.SGD(0.001, momentum=0.9), keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+
+    class TrainTime(keras.callbacks.Callback):  # the same count as the engine's: training steps of an epoch
+        def on_epoch_begin(self, epoch, logs=None):
+            self.start = time.perf_counter()
+
+        def on_train_batch_end(self, batch, logs=None):
+            self.end = time.perf_counter()
+
+        def on_epoch_end(self, epoch, logs=None):
+            self.rate = len(x) / (self.end - self.start)
+
+    timer = TrainTime()
+    model.fit(x, train.labels, batch_size=64, epochs=2, verbose=0, callbacks=[timer])  # the second epoch is timed
+    return timer.rate
+
+
+COMMON = dict(model="alexnet", batch_size=64, train=["fc7", "fc8"], seed=0)
+
+
+def engine_rate(weights: str, data: str, out: str) -> float:
+    """zoo finetune from files (tf.data, callbacks), augmentation on (so no caching): second epoch's images/s."""
+    from zoo.finetune import finetune
+
+    return finetune(weights=weights, data=data, out=out, epochs=2, augment=True, **COMMON).history[-1]["images_per_second"]
+
+
+def cached_rate(weights: str, data: str, out: str) -> float:
+    """10 epochs with cached features, the frozen pass included: images trained / seconds of the whole run."""
+    from zoo.data import from_folder
+    from zoo.finetune import finetune
+
+    n = len(from_folder(data)[0])
+    t = time.perf_counter()
+    result = finetune(weights=weights, data=data, out=out, epochs=10, augment=False, **COMMON)
+    assert result.cached_features
+    return 10 * n / (time.perf_counter() - t)
+
+
+def every_layer_rate(weights: str, data: str, out: str) -> float:
+    from zoo.finetune import finetune
+
+    common = COMMON | {"train": None}
+    return finetune(weights=weights, data=data, out=out, epochs=2, augment=True, **common).history[-1]["images_per_second"]
+
+
+MEASURES = {"plain": plain_fit_rate, "engine": engine_rate, "cached": cached_rate, "every": every_layer_rate}
+
+
+def measure(name: str, *args) -> float:
+    """One measurement in a fresh interpreter: no part's threads, caches or memory bill another."""
+    code = (f"import sys; sys.path.insert(0, {str(ROOT / 'benchmarks')!r}); import bench_finetune as b; "
+            f"print('RATE', b.MEASURES[{name!r}](*sys.argv[1:]))")
+    p = subprocess.run([sys.executable, "-c", code, *map(str, args)], capture_output=True, text=True)
+    if p.returncode:
+        raise SystemExit(f"{name} failed:\n{p.stderr[-3000:]}")
+    return float(next(line for line in p.stdout.splitlines() if line.startswith("RATE")).split()[1])
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--images", type=int, default=240, help="images for the per-epoch measurements")
     ap.add_argument("--cache-images", type=int, default=1000, help="images for the 10-epoch feature-caching run")
     ap.add_argument("--parts", default="1,2,3", help="which measurements: 1 engine vs fit, 2 caching, 3 vs PyTorch")
+    ap.add_argument("--repeat", type=int, default=3, help="runs of the 10-epoch caching measurement (median)")
     args = ap.parse_args()
-    import keras
     from caffe_reference import caffe_tensorflow_layout, caffe_weights
 
     from zoo.conversion import convert
-    from zoo.data import eval_dataset, from_folder
+    from zoo.data import from_folder
     from zoo.example import make_example
-    from zoo.finetune import finetune
-    from zoo.keras_model import create_model
-    from zoo.registry import get_spec
 
     rows = []
+    parts = set(args.parts.split(","))
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         np.save(tmp / "w.npy", {k: [w, b] for k, (w, b) in caffe_tensorflow_layout(caffe_weights()).items()})
         weights = convert(tmp / "w.npy").output
         data = make_example(tmp / "data", per_class=args.images * 5 // 8, size=256)  # 80% of it trains
-        train, _ = from_folder(data)
-        n = len(train)
-
-        parts = set(args.parts.split(","))
-        # 1. seed's setting: engine vs plain fit on in-memory arrays
-        common = dict(model="alexnet", weights=str(weights), data=str(data), batch_size=64, train=["fc7", "fc8"], seed=0)
+        n = len(from_folder(data)[0])
+        plain = measure("plain", weights, data)
         if "1" in parts:
-            engine = finetune(out=str(tmp / "run1"), epochs=2, augment=True, **common)  # augmentation on: no caching
-            engine_rate = engine.history[-1]["images_per_second"]
-
-        spec = get_spec("alexnet").with_num_classes(2)
-        x = np.concatenate([b[0].numpy() for b in eval_dataset(train, spec, 64)])
-        y = train.labels
-        model = create_model(None, weights=weights, num_classes=2)
-        for layer in model.layers:
-            layer.trainable = layer.name in ("fc7", "fc8")
-        model.compile(keras.optimizers.SGD(0.001, momentum=0.9), keras.losses.SparseCategoricalCrossentropy(from_logits=True))
-        class TrainTime(keras.callbacks.Callback):  # the same count as the engine's: training steps of an epoch
-            def on_epoch_begin(self, epoch, logs=None):
-                self.start = time.perf_counter()
-
-            def on_train_batch_end(self, batch, logs=None):
-                self.end = time.perf_counter()
-
-            def on_epoch_end(self, epoch, logs=None):
-                self.rate = n / (self.end - self.start)
-
-        timer = TrainTime()
-        model.fit(x, y, batch_size=64, epochs=2, verbose=0, callbacks=[timer])  # the second epoch is timed
-        plain_rate = timer.rate
-        if "1" in parts:
-            rows.append(("fc7+fc8, batch 64, augmentation on", "zoo finetune (files, tf.data, callbacks)", engine_rate,
-                         "keras Model.fit, in-memory arrays", plain_rate))
-
-        # 2. feature caching, 10 epochs on a larger set, features computed inside the timed run
+            rows.append(("fc7+fc8, batch 64, augmentation on", "zoo finetune (files, tf.data, callbacks)",
+                         measure("engine", weights, data, tmp / "run1"), "keras Model.fit, in-memory arrays", plain))
         if "2" in parts:
-            rows.append(cache_row(args, tmp, common, plain_rate))
-        # 3. all layers: engine vs PyTorch
+            big = make_example(tmp / "big", per_class=args.cache_images // 2, size=256)
+            n_big = len(from_folder(big)[0])
+            runs = sorted(measure("cached", weights, big, tmp / f"run2-{i}") for i in range(args.repeat))
+            rows.append((f"fc7+fc8, batch 64, 10 epochs of {n_big} images, whole run (median of {args.repeat}: "
+                         f"{', '.join(f'{r:.1f}' for r in runs)})", "zoo finetune --no-augment (cached features)",
+                         statistics.median(runs), "keras Model.fit, in-memory arrays (per epoch)", plain))
         if "3" in parts:
-            every = finetune(out=str(tmp / "run3"), epochs=2, augment=True, **(common | {"train": None}))
-            every_rate = every.history[-1]["images_per_second"]
+            ours = measure("every", weights, data, tmp / "run3")
             p = subprocess.run([sys.executable, "-c", TORCH_JOB, str(n), "64"], capture_output=True, text=True, check=True)
             torch_rate = json.loads(p.stdout.strip().splitlines()[-1])["images_per_second"]
-            rows.append(("all layers, batch 64", "zoo finetune", every_rate, "PyTorch 2.13 CPU, same architecture", torch_rate))
+            rows.append(("all layers, batch 64", "zoo finetune", ours, "PyTorch 2.13 CPU, same architecture", torch_rate))
 
-    print(f"\n{n} training images of 227x227 for the per-epoch rows (alexnet@bvlc), 2 CPU cores\n")
+    print(f"\n{n} training images of 227x227 for the per-epoch rows (alexnet@bvlc), 2 CPU cores; each measurement "
+          "in its own interpreter\n")
     print("| setting | zoo | images/s | baseline | images/s | zoo / baseline |")
     print("|---|---|---|---|---|---|")
     for setting, ours, ours_rate, base, base_rate in rows:
         print(f"| {setting} | {ours} | {ours_rate:.1f} | {base} | {base_rate:.1f} | **{ours_rate / base_rate:.2f}x** |")
-
-
-def cache_row(args, tmp, common, plain_rate):
-    from zoo.data import from_folder
-    from zoo.example import make_example
-    from zoo.finetune import finetune
-
-    big = make_example(tmp / "big", per_class=args.cache_images // 2, size=256)
-    n_big = len(from_folder(big)[0])
-    t = time.perf_counter()
-    cached = finetune(out=str(tmp / "run2"), epochs=10, augment=False, **(common | {"data": str(big)}))
-    cached_rate = 10 * n_big / (time.perf_counter() - t)
-    assert cached.cached_features
-    return (f"fc7+fc8, batch 64, 10 epochs of {n_big} images, whole run", "zoo finetune --no-augment (cached features)",
-            cached_rate, "keras Model.fit, in-memory arrays (per epoch)", plain_rate)
 
 
 if __name__ == "__main__":

@@ -55,10 +55,9 @@ def test_the_classic_mistakes_would_be_caught(bvlc_model, reference):
     for layer in spec["layers"]:
         if layer["kind"] == "lrn":
             layer["alpha"] *= 5
-    from zoo.keras_model import assign_weights, build_model
+    from zoo.keras_model import build_model
     from zoo.spec import ModelSpec
 
     wrong = ModelSpec.from_dict(spec)
-    model = build_model(wrong)
-    assign_weights(model, wrong, model_tensors(bvlc_model, zoo.get_spec("alexnet")))
+    model = build_model(wrong, model_tensors(bvlc_model, zoo.get_spec("alexnet")))
     assert scale_error(model.predict(caffe_input(), verbose=0), reference["fc8"]) > 1e-2

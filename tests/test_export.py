@@ -61,7 +61,7 @@ def test_exports_match_keras_tf_and_onnx_runtime(narrow_run, tmp_path):
 
 def test_streamed_onnx_file_is_the_model_onnx_helper_would_build(narrow_run, tmp_path):
     import onnx
-    from onnx import helper, numpy_helper
+    from onnx import numpy_helper
 
     from zoo.export import onnx_graph, open_source, write_onnx
 
@@ -72,7 +72,7 @@ def test_streamed_onnx_file_is_the_model_onnx_helper_would_build(narrow_run, tmp
     whole.CopyFrom(model)
     whole.graph.initializer.extend(numpy_helper.from_array(np.ascontiguousarray(a), n) for n, a in inits)
     streamed = onnx.load(str(tmp_path / "streamed.onnx"))
-    assert helper.printable_graph(streamed.graph) == helper.printable_graph(whole.graph)
+    assert onnx.printer.to_text(streamed.graph) == onnx.printer.to_text(whole.graph)
     for got, want in zip(streamed.graph.initializer, whole.graph.initializer, strict=True):
         assert got.name == want.name and list(got.dims) == list(want.dims)
         np.testing.assert_array_equal(numpy_helper.to_array(got), numpy_helper.to_array(want))

@@ -1,3 +1,5 @@
+import json
+
 import numpy as np
 import pytest
 from conftest import small_layers
@@ -75,5 +77,8 @@ def test_create_model_replaces_the_head_when_classes_differ(tmp_path, tiny_spec)
     two = zoo.create_model("tiny", weights=out, num_classes=2)
     assert two.output_shape == (None, 2)
     np.testing.assert_array_equal(two.get_layer("conv1").get_weights()[0], small_layers()["conv1"][0])
+    # built holding the weights, the layers' configs still say what a fresh layer uses: the model serialises
+    config = json.loads(two.to_json())["config"]["layers"]
+    assert {layer["config"].get("kernel_initializer", {}).get("class_name") for layer in config} >= {"GlorotUniform"}
     with pytest.raises(ZooError, match="weights are for tiny@test, not alexnet"):
         zoo.create_model("alexnet", weights=out)

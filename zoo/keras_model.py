@@ -22,10 +22,12 @@ from zoo.weights import Weights, load_weights, resolve_spec
 class SpecConv2D(layers.Layer):
     """Conv with Caffe/PyTorch-style symmetric padding and groups; kernel (kh, kw, in/groups, out)."""
 
-    def __init__(self, filters, kernel_size, stride=1, pad=0, groups=1, activation=None, kernel_initializer="glorot_uniform", **kwargs):
+    def __init__(self, filters, kernel_size, stride=1, pad=0, groups=1, activation=None,
+                 kernel_initializer="glorot_uniform", bias_initializer="zeros", **kwargs):
         super().__init__(**kwargs)
         self.filters, self.kernel_size, self.stride, self.pad, self.groups = filters, kernel_size, stride, pad, groups
-        self.kernel_initializer = kernel_initializer
+        self.kernel_initializer = keras.initializers.get(kernel_initializer)
+        self.bias_initializer = keras.initializers.get(bias_initializer)
         self.activation = keras.activations.get(activation)
         self._activation_name = activation
         # symmetric padding that "same" reproduces exactly: odd kernel, stride 1
@@ -36,7 +38,7 @@ class SpecConv2D(layers.Layer):
         k = self.kernel_size
         self.kernel = self.add_weight(name="kernel", shape=(k, k, in_channels // self.groups, self.filters),
                                       initializer=self.kernel_initializer)
-        self.bias = self.add_weight(name="bias", shape=(self.filters,), initializer="zeros")
+        self.bias = self.add_weight(name="bias", shape=(self.filters,), initializer=self.bias_initializer)
 
     def call(self, x):
         padding = "same" if self._same else "valid"
@@ -59,7 +61,8 @@ class SpecConv2D(layers.Layer):
     def get_config(self):
         return super().get_config() | {"filters": self.filters, "kernel_size": self.kernel_size, "stride": self.stride,
                                        "pad": self.pad, "groups": self.groups, "activation": self._activation_name,
-                                       "kernel_initializer": self.kernel_initializer}
+                                       "kernel_initializer": keras.initializers.serialize(self.kernel_initializer),
+                                       "bias_initializer": keras.initializers.serialize(self.bias_initializer)}
 
 
 @keras.saving.register_keras_serializable("zoo")
@@ -82,11 +85,11 @@ class CaffeLRN(layers.Layer):
         return super().get_config() | {"size": self.size, "alpha": self.alpha, "beta": self.beta, "k": self.k}
 
 
-def _keras_layer(info, init="glorot_uniform"):
+def _keras_layer(info, init: dict):
     c, name = info.config, info.name
     if info.kind == "conv":
         return SpecConv2D(c["filters"], c["kernel"], c.get("stride", 1), c.get("pad", 0), c.get("groups", 1),
-                          c.get("activation"), init, name=name)
+                          c.get("activation"), name=name, **init)
     if info.kind == "lrn":
         return CaffeLRN(c["size"], c["alpha"], c["beta"], c.get("k", 1.0), name=name)
     if info.kind in ("maxpool", "avgpool"):
@@ -97,43 +100,60 @@ def _keras_layer(info, init="glorot_uniform"):
     if info.kind == "flatten":
         return layers.Flatten(name=name)
     if info.kind == "dense":
-        return layers.Dense(c["units"], activation=c.get("activation"), kernel_initializer=init, name=name)
+        return layers.Dense(c["units"], activation=c.get("activation"), name=name, **init)
     if info.kind == "dropout":
         return layers.Dropout(c["rate"], name=name)
     raise ZooError(f"layer kind {info.kind!r} has no Keras builder")
 
 
-def build_model(spec: ModelSpec, loaded=()) -> keras.Model:
-    """A randomly initialised keras.Model computing `spec` on inputs preprocessed as the spec says.
+class _FromArray(keras.initializers.Initializer):
+    """A variable's initial value taken from loaded weights, so that it is created holding them: no random
+    initialisation, and no later assign (Keras' set_weights held 3 copies of fc6 at once, measured)."""
 
-    Layers named in `loaded` start at zeros instead: their weights are about to be assigned, and a random
-    initialisation would cost time and, transiently, several copies of the biggest kernel."""
+    def __init__(self, name: str, array: np.ndarray, release=None):
+        self.name, self.array, self.release = name, array, release
+
+    def __call__(self, shape, dtype=None):
+        if tuple(shape) != self.array.shape:
+            raise ZooError(f"{self.name}: shape {self.array.shape} does not fit the layer's {tuple(shape)}")
+        value = tf.convert_to_tensor(self.array, dtype=dtype)
+        if self.release:  # a mapped array's pages are copied now: let them go before the variable copies them
+            self.release(self.array)
+        return value
+
+
+_DEFAULT_INIT = {"kernel_initializer": "glorot_uniform", "bias_initializer": "zeros"}
+
+
+def build_model(spec: ModelSpec, weights: dict[str, np.ndarray] | None = None, release=None) -> keras.Model:
+    """A keras.Model computing `spec` on inputs preprocessed as the spec says, its weighted layers created
+    holding `weights` (canonical names) where given, randomly initialised otherwise. `release(array)`
+    follows each use of a weight (mapped weights let their pages go)."""
+    weights = weights or {}
     inputs = keras.Input(shape=spec.input_shape, name="image")
     x = inputs
     previous = spec.input_shape
+    loaded = []
     for info in spec.layer_infos:
-        layer = _keras_layer(info, "zeros" if info.name in loaded else "glorot_uniform")
+        names = [t.name for t in info.tensors]
+        init = {}
+        if names and all(n in weights for n in names):
+            init = {k: _FromArray(n, weights[n], release) for k, n in zip(_DEFAULT_INIT, names)}
+        layer = _keras_layer(info, init)
         if layer is None:  # adaptive average pooling: the spec checked that the input tiles exactly
             factor = previous[0] // info.config["output"]
             layer = layers.AveragePooling2D(factor, name=info.name) if factor > 1 else layers.Identity(name=info.name)
         x = layer(x)
         previous = info.output_shape
+        if init:
+            loaded.append(layer)
+    for layer in loaded:  # the arrays were for building only: the config says what a fresh layer would use
+        layer.kernel_initializer, layer.bias_initializer = (keras.initializers.get(v) for v in _DEFAULT_INIT.values())
     return keras.Model(inputs, x, name=spec.id.replace("@", "_"))
 
 
-def assign_weights(model: keras.Model, spec: ModelSpec, tensors: dict[str, np.ndarray], skip=(), release=None) -> None:
-    """Set each weighted layer from `tensors`; `release(array)` follows each (mapped weights let pages go)."""
-    for info in spec.weighted_layers:
-        if info.name in skip:
-            continue
-        values = [tensors[t.name] for t in info.tensors]
-        model.get_layer(info.name).set_weights(values)
-        for value in values if release else ():
-            release(value)
-
-
 def model_tensors(model: keras.Model, spec: ModelSpec) -> dict[str, np.ndarray]:
-    """The model's weights under the spec's canonical names (the inverse of assign_weights)."""
+    """The model's weights under the spec's canonical names (the inverse of build_model's `weights`)."""
     out = {}
     for info in spec.weighted_layers:
         for t, value in zip(info.tensors, model.get_layer(info.name).get_weights()):
@@ -150,8 +170,7 @@ def create_model(name="alexnet", weights=None, num_classes: int | None = None) -
         weights = load_weights(weights)
     base = resolve_spec(name, weights)
     spec = base.with_num_classes(num_classes) if num_classes else base
-    skip = (spec.head,) if weights is not None and spec.num_classes != base.num_classes else ()
-    model = build_model(spec, loaded=[i.name for i in spec.weighted_layers if weights is not None and i.name not in skip])
-    if weights is not None:
-        assign_weights(model, spec, weights.tensors, skip=skip, release=weights.release)
-    return model
+    if weights is None:
+        return build_model(spec)
+    head = {t.name for t in spec.layer(spec.head).tensors} if spec.num_classes != base.num_classes else set()
+    return build_model(spec, {k: v for k, v in weights.tensors.items() if k not in head}, weights.release)

@@ -34,7 +34,10 @@ def tf_resize_shorter(image, size: int):
     shape = tf.cast(tf.shape(image)[:2], tf.float32)
     scale = tf.cast(size, tf.float32) / tf.reduce_min(shape)
     new = tf.cast(tf.round(shape * scale), tf.int32)
-    return tf.image.resize(image, tf.maximum(new, size), method="bilinear", antialias=True)
+    # already at size (as Pillow's path, which returns such an image unchanged): the antialiased
+    # resize would cost as much as decoding the image, for an identity
+    return tf.cond(tf.reduce_min(tf.shape(image)[:2]) == size, lambda: tf.cast(image, tf.float32),
+                   lambda: tf.image.resize(image, tf.maximum(new, size), method="bilinear", antialias=True))
 
 
 def tf_center_crop(image, height: int, width: int):
