@@ -36,7 +36,7 @@ def tf_resize_shorter(image, size: int):
     new = tf.cast(tf.round(shape * scale), tf.int32)
     # already at size (as Pillow's path, which returns such an image unchanged): the antialiased
     # resize would cost as much as decoding the image, for an identity
-    return tf.cond(tf.reduce_min(tf.shape(image)[:2]) == size, lambda: tf.cast(image, tf.float32),
+    return tf.cond(tf.reduce_min(shape) == size, lambda: tf.cast(image, tf.float32),
                    lambda: tf.image.resize(image, tf.maximum(new, size), method="bilinear", antialias=True))
 
 

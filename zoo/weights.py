@@ -37,15 +37,24 @@ def file_digest(path, algorithm: str = "sha256", chunk: int = 1 << 22) -> str:
 _CHUNK = 1 << 22  # elements/bytes per step when scanning big tensors: bounded temporaries
 
 
-def all_finite(arr: np.ndarray) -> bool:
+def all_finite(arr: np.ndarray, release=None) -> bool:
+    """No NaN or inf, scanned a chunk at a time; `release(chunk)` follows each (a mapped array's pages go)."""
     flat = arr.reshape(-1)
-    return all(np.isfinite(flat[i:i + _CHUNK]).all() for i in range(0, flat.size, _CHUNK))
+    for i in range(0, flat.size, _CHUNK):
+        chunk = flat[i:i + _CHUNK]
+        finite = bool(np.isfinite(chunk).all())
+        if release:
+            release(chunk)
+        if not finite:
+            return False
+    return True
 
 
-def check_tensors(spec: ModelSpec, tensors: dict[str, np.ndarray], path=None, values: bool = True) -> None:
+def check_tensors(spec: ModelSpec, tensors: dict[str, np.ndarray], path=None, values: bool = True, release=None) -> None:
     """Raise one ZooError listing every problem: missing, extra, wrong shape or dtype, non-finite.
 
-    `values=False` skips the scan for NaN/inf (save_weights does it on the bytes it reads back)."""
+    `values=False` skips the scan for NaN/inf (save_weights does it on the file it wrote); `release`
+    is all_finite's."""
     problems = []
     expected = spec.tensors
     missing = [n for n in expected if n not in tensors]
@@ -62,7 +71,7 @@ def check_tensors(spec: ModelSpec, tensors: dict[str, np.ndarray], path=None, va
             problems.append(f"{name} has shape {tuple(arr.shape)}, spec says {t.shape}")
         elif arr.dtype != np.dtype(t.dtype):
             problems.append(f"{name} is {arr.dtype}, spec says {t.dtype}")
-        elif values and not all_finite(arr):
+        elif values and not all_finite(arr, release):
             problems.append(f"{name} holds NaN or infinite values")
     _raise_problems(spec, problems, path)
 
@@ -190,41 +199,16 @@ def _digest_value(key: str, value: str, path: Path) -> str:
 
 
 def _verify_written(tmp: Path, spec: ModelSpec, tensors: dict, meta: dict[str, str], path: Path) -> None:
-    """safetensors itself must parse the file to the metadata, names, shapes and dtypes that were meant,
-    and every value read back from it must be finite."""
+    """safetensors itself must parse the file to the metadata and names that were meant, and the tensors
+    read back from it must match the spec and be finite (scanned through a fresh mapping, pages dropped
+    behind)."""
     from safetensors import safe_open
 
     with safe_open(tmp, framework="numpy") as f:
         if f.metadata() != meta or set(f.keys()) != set(tensors):
             raise ZooError("read-back check failed: header differs from what was written", path)
-        for name in f.keys():
-            got = f.get_slice(name)
-            if got.get_shape() != list(tensors[name].shape):
-                raise ZooError(f"read-back check failed: {name} has shape {got.get_shape()}", path)
-    _raise_problems(spec, _non_finite(tmp, tensors), path)
-
-
-def _non_finite(tmp: Path, tensors: dict) -> list[str]:
-    """The tensors of the written file that hold NaN or inf, read through a fresh read-only mapping."""
-    import mmap
-
-    problems = []
-    with open(tmp, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
-        header_len = int.from_bytes(mapped[:8], "little")
-        header = json.loads(mapped[8:8 + header_len])
-        for name, t in tensors.items():
-            dtype = np.dtype(t.dtype).newbyteorder("<")
-            start, end = (8 + header_len + o for o in header[name]["data_offsets"])
-            finite = True
-            for lo in range(start, end, _CHUNK * dtype.itemsize):  # in chunks, dropping each behind
-                hi = min(end, lo + _CHUNK * dtype.itemsize)
-                values = np.frombuffer(mapped, dtype, (hi - lo) // dtype.itemsize, lo)
-                finite = finite and bool(np.isfinite(values).all())
-                del values  # the mapping cannot close while a view of it exists
-                drop_pages(mapped, lo, hi)
-            if not finite:
-                problems.append(f"{name} holds NaN or infinite values")
-    return problems
+    mapping = map_file(tmp)
+    check_tensors(spec, _views(mapping), path, release=lambda chunk: release_pages(mapping, chunk))
 
 
 @dataclass
@@ -298,9 +282,7 @@ def load_weights(path, mapped: bool = False) -> Weights:
                 tensors = {name: f.get_tensor(name) for name in f.keys()}
     except Exception as e:
         raise ZooError(f"cannot read tensors ({e})", path) from None
-    check_tensors(spec, tensors, path, values=not mapped)
-    if mapped:  # the values, scanned a chunk at a time with the pages dropped behind
-        _raise_problems(spec, _non_finite(path, {n: tensors[n] for n in spec.tensors}), path)
+    check_tensors(spec, tensors, path, release=lambda chunk: release_pages(mapping, chunk))
     return Weights(path, spec, tensors, metadata, mapping)
 
 
