@@ -124,7 +124,7 @@ def epochs_dataset(samples: Samples, spec, batch_size: int, first_epoch: int, ep
     (seed, epoch) alone, so a resumed run sees exactly the batches an uninterrupted one would."""
     import tensorflow as tf
 
-    from zoo.preprocess import tf_eval_image, tf_train_image
+    from zoo.preprocess import tf_decode, tf_pixels, tf_scale
 
     n = len(samples)
     order = np.stack([np.random.default_rng([seed, e]).permutation(n) for e in range(first_epoch, epochs)]).reshape(-1)
@@ -133,13 +133,13 @@ def epochs_dataset(samples: Samples, spec, batch_size: int, first_epoch: int, ep
     labels = tf.constant(samples.labels)
 
     def load(i, pos):
-        data = tf.io.read_file(paths[i])
-        x = tf_train_image(data, spec, tf.stack([tf.cast(seed, tf.int64), pos])) if augment else tf_eval_image(data, spec)
-        return x, labels[i]
+        image = tf_decode(tf.io.read_file(paths[i]))
+        return tf_pixels(image, spec, tf.stack([tf.cast(seed, tf.int64), pos]) if augment else None), labels[i]
 
     steps = math.ceil(n / batch_size)
     ds = tf.data.Dataset.from_tensor_slices((order, position)).map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    return batch_per_epoch(ds, n, batch_size).prefetch(tf.data.AUTOTUNE), steps
+    ds = batch_per_epoch(ds, n, batch_size).map(lambda x, y: (tf_scale(x, spec), y))
+    return ds.prefetch(tf.data.AUTOTUNE), steps
 
 
 def batch_per_epoch(ds, epoch_size: int, batch_size: int):
@@ -154,8 +154,8 @@ def batch_per_epoch(ds, epoch_size: int, batch_size: int):
 def eval_dataset(samples: Samples, spec, batch_size: int):
     import tensorflow as tf
 
-    from zoo.preprocess import tf_eval_image
+    from zoo.preprocess import tf_decode, tf_pixels, tf_scale
 
     ds = tf.data.Dataset.from_tensor_slices((samples.paths, samples.labels))
-    ds = ds.map(lambda p, y: (tf_eval_image(tf.io.read_file(p), spec), y), num_parallel_calls=tf.data.AUTOTUNE)
-    return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)
+    ds = ds.map(lambda p, y: (tf_pixels(tf_decode(tf.io.read_file(p)), spec), y), num_parallel_calls=tf.data.AUTOTUNE)
+    return ds.batch(batch_size).map(lambda x, y: (tf_scale(x, spec), y)).prefetch(tf.data.AUTOTUNE)

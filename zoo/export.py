@@ -205,11 +205,10 @@ def export_onnx(src: Source, out: Path, reference, opset: int = DEFAULT_OPSET) -
 def export_savedmodel(src: Source, out: Path, model, reference: np.ndarray | None = None) -> Path:
     import tensorflow as tf
 
-    from zoo.preprocess import tf_center_crop, tf_eval_image, tf_normalize, tf_resize_shorter
+    from zoo.preprocess import tf_decode, tf_pixels, tf_scale
 
     spec = src.spec
     h, w = spec.input["size"]
-    resize = spec.input.get("resize", max(h, w))
 
     class Exported(tf.Module):
         def __init__(self):
@@ -231,13 +230,13 @@ def export_savedmodel(src: Source, out: Path, model, reference: np.ndarray | Non
         @tf.function(input_signature=[tf.TensorSpec([None, None, None, 3], tf.uint8, name="rgb")])
         def serve_rgb(self, rgb):
             """uint8 RGB images of any (common) size: resize, center crop, channel order, mean/std inside."""
-            crops = tf.map_fn(lambda im: tf_center_crop(tf_resize_shorter(im, resize), h, w), rgb, fn_output_signature=tf.float32)
-            return self._outputs(tf_normalize(crops, spec))
+            return self._outputs(tf_scale(tf.map_fn(lambda im: tf_pixels(im, spec), rgb, fn_output_signature=tf.uint8), spec))
 
         @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="encoded")])
         def serve_encoded(self, encoded):
             """Encoded JPEG/PNG bytes, one per image."""
-            return self._outputs(tf.map_fn(lambda e: tf_eval_image(e, spec), encoded, fn_output_signature=tf.float32))
+            crops = tf.map_fn(lambda e: tf_pixels(tf_decode(e), spec), encoded, fn_output_signature=tf.uint8)
+            return self._outputs(tf_scale(crops, spec))
 
     target = out / "savedmodel"
     tmp = out / ".savedmodel.tmp"

@@ -132,14 +132,16 @@ def resolve_trainable(layer_names: list[str], weighted: list[str], train, freeze
 def _optimizer(cfg: FinetuneConfig, steps_per_epoch: int):
     import keras
 
+    from zoo.optimizers import FusedAdam, FusedSGD
+
     lr = cfg.lr
     if cfg.schedule == "cosine":
         lr = keras.optimizers.schedules.CosineDecay(cfg.lr, decay_steps=max(1, cfg.epochs * steps_per_epoch))
     elif cfg.schedule == "step":  # x0.1 every third of the run
         lr = keras.optimizers.schedules.ExponentialDecay(cfg.lr, max(1, cfg.epochs * steps_per_epoch // 3), 0.1, staircase=True)
     if cfg.optimizer == "adam":
-        return keras.optimizers.Adam(lr)
-    return keras.optimizers.SGD(lr, momentum=cfg.momentum)
+        return FusedAdam(lr)
+    return FusedSGD(lr, momentum=cfg.momentum)
 
 
 def _strategy(name: str):
@@ -297,22 +299,36 @@ def trained_tensors(model) -> dict:
     return {v.path.replace("/", "."): v.numpy() for v in model.trainable_variables}
 
 
-def _features(base, dataset):
-    """The frozen base's output for a dataset, computed once. A tf.function loop: 35 images/s for
-    AlexNet up to fc6 here, where Model.predict managed 23."""
+def _features(base, samples, spec, batch_size: int, chunk_images: int = 512):
+    """The frozen base's output for `samples`, computed once, by chunks whose images are all decoded (tf.data,
+    every core) before the forward pass over them starts. Decoding beside the pass stalls oneDNN's
+    convolutions, which wait for their slowest thread: for 1,000 AlexNet images on 2 cores the overlapped
+    pass took 39-48 s, decode plus pass alone 4-6 s plus 22-26 s. A tf.function loop: 35 images/s up to fc6
+    here, where Model.predict managed 23."""
     import numpy as np
     import tensorflow as tf
 
+    from zoo.data import Samples, eval_dataset
+
     forward = tf.function(lambda x: base(x, training=False), reduce_retracing=True)
-    return np.concatenate([forward(x).numpy() for x, _ in dataset])
+    step = max(1, chunk_images // batch_size) * batch_size  # whole batches, as one dataset would make them
+    out = []
+    for i in range(0, len(samples), step):
+        part = Samples(samples.paths[i:i + step], samples.labels[i:i + step], samples.classes)
+        images = [x for x, _ in eval_dataset(part, spec, batch_size)]
+        out += [forward(x).numpy() for x in images]
+    return np.concatenate(out)
 
 
 def _split_at(model, first_trained: str):
-    """(frozen base, trainable top) sharing the layers of `model`, split before `first_trained`."""
+    """(frozen base, trainable top) sharing the layers of `model`, split before `first_trained` and the
+    dropout layers right before it (cached training would otherwise silently train without them)."""
     import keras
 
     names = [layer.name for layer in model.layers]
     cut = names.index(first_trained)
+    while isinstance(model.layers[cut - 1], keras.layers.Dropout):
+        cut -= 1
     base = keras.Model(model.input, model.layers[cut - 1].output, name="frozen_base")
     inputs = keras.Input(shape=model.layers[cut - 1].output.shape[1:], name="features")
     x = inputs
@@ -410,7 +426,7 @@ def finetune(config: FinetuneConfig | None = None, **overrides) -> FinetuneResul
         f"{len(train)} train / {len(val)} val images; {'cached features' if cache else 'full forward'}; run folder {run}")
     if cache:
         t = time.perf_counter()
-        train_x, val_x = (_features(base, eval_dataset(s, spec, cfg.batch_size)) for s in (train, val))
+        train_x, val_x = (_features(base, s, spec, cfg.batch_size) for s in (train, val))
         say(f"cached {trained[0]}'s inputs for {len(train) + len(val)} images in {time.perf_counter() - t:.1f}s")
         order = np.concatenate([np.random.default_rng([cfg.seed, e]).permutation(len(train)) for e in range(first_epoch, cfg.epochs)])
         train_ds = batch_per_epoch(tf.data.Dataset.from_tensor_slices((train_x[order], train.labels[order])), len(train), cfg.batch_size)
