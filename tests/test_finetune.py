@@ -92,7 +92,11 @@ def test_resume_continues_where_it_stopped_and_matches(tmp_path, narrow_spec, ex
     with pytest.raises(KeyboardInterrupt):
         run(tmp_path, "split", example_data, epochs=3, **kw)
     monkeypatch.setattr(zoo.finetune, "_callbacks", real)
-    assert json.loads((tmp_path / "split" / "checkpoints" / "state.json").read_text())["epoch"] == 2
+    ckpt = tmp_path / "split" / "checkpoints"
+    state = json.loads((ckpt / "state.json").read_text())
+    assert state["epoch"] == 2
+    other = ckpt / ({"last-a.npz": "last-b.npz", "last-b.npz": "last-a.npz"}[state["last"]])
+    other.write_bytes(other.read_bytes()[:5000])  # as if it died while writing epoch 3 over epoch 1's slot
     resumed = finetune(out=str(tmp_path / "split"), resume=True)
     a, b = load_weights(whole.weights).tensors, load_weights(resumed.weights).tensors
     for name in a:
