@@ -172,3 +172,30 @@ def test_real_alexnet_bvlc_shape_one_step(tmp_path, seeded_safetensors, example_
     base = load_weights(seeded_safetensors).tensors
     np.testing.assert_array_equal(w.tensors["conv5.kernel"], base["conv5.kernel"])
     np.testing.assert_array_equal(w.tensors["fc6.kernel"], base["fc6.kernel"])
+
+
+def test_gradient_histograms_are_the_trained_layers_gradients(tmp_path, narrow_spec, example_data):
+    """Augmentation on (no caching), fc7+fc8 trained: the histograms' batch goes through the frozen layers
+    once; what is logged must still be the whole model's gradient on that batch."""
+    import keras
+    import tensorflow as tf
+
+    from zoo.data import eval_dataset, from_folder
+    from zoo.keras_model import create_model
+
+    result = run(tmp_path, "hist", example_data, epochs=1, train=["fc7", "fc8"], augment=True)
+    assert not result.cached_features
+    (events,) = (tmp_path / "hist" / "tensorboard" / "histograms").glob("*tfevents*")
+    logged = {v.tag: tf.make_ndarray(v.tensor) for e in tf.compat.v1.train.summary_iterator(str(events)) for v in e.summary.value}
+    want = {f"{layer}/{p}{g}" for layer in ("fc7", "fc8") for p in ("kernel", "bias") for g in ("", "/gradient")}
+    assert set(logged) == want
+
+    model = create_model(None, weights=str(result.weights))  # the weights the epoch ended with
+    x, y = next(iter(eval_dataset(from_folder(example_data)[0], narrow_spec.with_num_classes(2), FAST["batch_size"])))
+    trained = [model.get_layer(n).kernel for n in ("fc7", "fc8")]
+    with tf.GradientTape() as tape:
+        loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)(y, model(x, training=False))
+    for name, grad in zip(("fc7", "fc8"), tape.gradient(loss, trained)):
+        buckets = logged[f"{name}/kernel/gradient"]  # rows of (left edge, right edge, count)
+        assert buckets[:, 2].sum() > 0
+        np.testing.assert_allclose([buckets[0, 0], buckets[-1, 1]], [grad.numpy().min(), grad.numpy().max()], rtol=1e-3, atol=1e-7)

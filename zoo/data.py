@@ -159,3 +159,14 @@ def eval_dataset(samples: Samples, spec, batch_size: int):
     ds = tf.data.Dataset.from_tensor_slices((samples.paths, samples.labels))
     ds = ds.map(lambda p, y: (tf_pixels(tf_decode(tf.io.read_file(p)), spec), y), num_parallel_calls=tf.data.AUTOTUNE)
     return ds.batch(batch_size).map(lambda x, y: (tf_scale(x, spec), y)).prefetch(tf.data.AUTOTUNE)
+
+
+def untuned(ds):
+    """An in-memory `ds` without tf.data's autotuning thread: at the end of fit, tearing down the cached
+    features' iterator waited for a tf.data thread for ~18 s in most runs here (a native stack dump showed
+    it), and with autotuning off it did not; such a pipeline has nothing to tune."""
+    import tensorflow as tf
+
+    options = tf.data.Options()
+    options.autotune.enabled = False
+    return ds.with_options(options)

@@ -161,7 +161,7 @@ def _atomic_write_text(path: Path, text: str):
     os.replace(tmp, path)
 
 
-def _callbacks(run: Path, model, full_model, spec, classes, cfg, gradient_batch):
+def _callbacks(run: Path, model, full_model, spec, classes, cfg, probe):
     import keras
     import tensorflow as tf
 
@@ -202,8 +202,9 @@ def _callbacks(run: Path, model, full_model, spec, classes, cfg, gradient_batch)
         return flat[:: max(1, int(flat.shape[0]) // most)]
 
     class Histograms(keras.callbacks.Callback):
-        """Histograms of the trained weights and of their gradients on a fixed batch. (Keras' TensorBoard
-        callback would histogram every weight, frozen ones too: seconds per epoch for AlexNet's fc6.)
+        """Histograms of the trained weights and of their gradients on a fixed batch: `probe` is (a model of
+        the trained layers, its input for that batch, labels). (Keras' TensorBoard callback would histogram
+        every weight, frozen ones too: seconds per epoch for AlexNet's fc6.)
 
         Dropout off (training=False): a training-mode call would draw from the dropout RNGs and make a
         resumed run differ from an uninterrupted one."""
@@ -213,13 +214,13 @@ def _callbacks(run: Path, model, full_model, spec, classes, cfg, gradient_batch)
             self.writer = tf.summary.create_file_writer(str(run / "tensorboard" / "histograms"))
 
         def on_epoch_end(self, epoch, logs=None):
-            x, y = gradient_batch
+            probe_model, x, y = probe
             loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
             with tf.GradientTape() as tape:
-                loss = loss_fn(y, model(x, training=False))
-            grads = tape.gradient(loss, model.trainable_variables)
+                loss = loss_fn(y, probe_model(x, training=False))
+            grads = tape.gradient(loss, probe_model.trainable_variables)
             with self.writer.as_default(step=epoch):
-                for var, grad in zip(model.trainable_variables, grads):
+                for var, grad in zip(probe_model.trainable_variables, grads):
                     tf.summary.histogram(var.path, _sample(var))
                     if grad is not None:
                         tf.summary.histogram(f"{var.path}/gradient", _sample(grad))
@@ -256,7 +257,7 @@ def _callbacks(run: Path, model, full_model, spec, classes, cfg, gradient_batch)
         keras.callbacks.TensorBoard(str(run / "tensorboard"), histogram_freq=0, write_graph=False),
         Checkpoint(),
     ]
-    if gradient_batch is not None:
+    if probe is not None:
         callbacks.append(Histograms())
     return callbacks
 
@@ -408,7 +409,7 @@ def finetune(config: FinetuneConfig | None = None, **overrides) -> FinetuneResul
     import numpy as np
     import tensorflow as tf
 
-    from zoo.data import batch_per_epoch, epochs_dataset, eval_dataset
+    from zoo.data import batch_per_epoch, epochs_dataset, eval_dataset, untuned
     from zoo.keras_model import create_model, model_tensors
     from zoo.weights import save_weights
 
@@ -443,18 +444,24 @@ def finetune(config: FinetuneConfig | None = None, **overrides) -> FinetuneResul
         order = np.concatenate([np.random.default_rng([cfg.seed, e]).permutation(len(train)) for e in range(first_epoch, cfg.epochs)])
         features = tf.constant(train_x)  # batches gather from one copy, not an epochs-long one
         train_ds = batch_per_epoch(tf.data.Dataset.from_tensor_slices((order, train.labels[order])), len(train), cfg.batch_size)
-        train_ds = train_ds.map(lambda i, y: (tf.gather(features, i), y))
-        val_ds = tf.data.Dataset.from_tensor_slices((val_x, val.labels)).batch(cfg.batch_size)
-        gradient_batch = (train_x[: cfg.batch_size], train.labels[: cfg.batch_size])
+        train_ds = untuned(train_ds.map(lambda i, y: (tf.gather(features, i), y)))
+        val_ds = untuned(tf.data.Dataset.from_tensor_slices((val_x, val.labels)).batch(cfg.batch_size))
+        probe = (model, train_x[: cfg.batch_size], train.labels[: cfg.batch_size])
     else:
         train_ds, _ = epochs_dataset(train, spec, cfg.batch_size, first_epoch, cfg.epochs, cfg.seed, cfg.augment)
         val_ds = eval_dataset(val, spec, cfg.batch_size)
-        gradient_batch = next(iter(eval_dataset(train, spec, cfg.batch_size))) if cfg.strategy == "none" else None
+        probe = None  # distributed: per-replica gradients on a host batch do not apply
+        if cfg.strategy == "none":
+            x, y = next(iter(eval_dataset(train, spec, cfg.batch_size)))
+            probe = (model, x, y)
+        if probe and frozen_prefix and first > 0:  # the frozen layers' output for the histograms' batch, once
+            probe_base, probe_model = _split_at(full, trained[0])  # (7 s an epoch for AlexNet's fc7+fc8 otherwise)
+            probe = (probe_model, probe_base(x, training=False), y)
     if cfg.strategy != "none":
-        gradient_batch = None  # per-replica gradients on a host batch do not apply
+        probe = None
     hist = model.fit(train_ds, validation_data=val_ds, epochs=cfg.epochs, initial_epoch=first_epoch,
                      steps_per_epoch=steps_per_epoch, verbose=0, shuffle=False,  # the datasets order themselves
-                     callbacks=_callbacks(run, model, full, spec, train.classes, cfg, gradient_batch))
+                     callbacks=_callbacks(run, model, full, spec, train.classes, cfg, probe))
     history = [{k: float(v[i]) for k, v in hist.history.items()} for i in range(len(hist.epoch))]
 
     # --- results: verified weights with the new head, class names
