@@ -446,19 +446,19 @@ def finetune(config: FinetuneConfig | None = None, **overrides) -> FinetuneResul
         train_ds = batch_per_epoch(tf.data.Dataset.from_tensor_slices((order, train.labels[order])), len(train), cfg.batch_size)
         train_ds = untuned(train_ds.map(lambda i, y: (tf.gather(features, i), y)))
         val_ds = untuned(tf.data.Dataset.from_tensor_slices((val_x, val.labels)).batch(cfg.batch_size))
-        probe = (model, train_x[: cfg.batch_size], train.labels[: cfg.batch_size])
     else:
         train_ds, _ = epochs_dataset(train, spec, cfg.batch_size, first_epoch, cfg.epochs, cfg.seed, cfg.augment)
         val_ds = eval_dataset(val, spec, cfg.batch_size)
-        probe = None  # distributed: per-replica gradients on a host batch do not apply
-        if cfg.strategy == "none":
+    probe = None  # the histograms' fixed batch; distributed: per-replica gradients on a host batch do not apply
+    if cfg.strategy == "none":
+        if cache:  # the trained top and its cached input
+            probe = (model, train_x[: cfg.batch_size], train.labels[: cfg.batch_size])
+        else:
             x, y = next(iter(eval_dataset(train, spec, cfg.batch_size)))
             probe = (model, x, y)
-        if probe and frozen_prefix and first > 0:  # the frozen layers' output for the histograms' batch, once
-            probe_base, probe_model = _split_at(full, trained[0])  # (7 s an epoch for AlexNet's fc7+fc8 otherwise)
-            probe = (probe_model, probe_base(x, training=False), y)
-    if cfg.strategy != "none":
-        probe = None
+            if frozen_prefix and first > 0:  # the frozen layers' output for it, once (7 s an epoch for AlexNet's fc7+fc8)
+                probe_base, probe_model = _split_at(full, trained[0])
+                probe = (probe_model, probe_base(x, training=False), y)
     hist = model.fit(train_ds, validation_data=val_ds, epochs=cfg.epochs, initial_epoch=first_epoch,
                      steps_per_epoch=steps_per_epoch, verbose=0, shuffle=False,  # the datasets order themselves
                      callbacks=_callbacks(run, model, full, spec, train.classes, cfg, probe))
