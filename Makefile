@@ -9,7 +9,7 @@ $(STAMP): pyproject.toml plugins/zoo-caffemodel/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -e '.[test]'
-	$(BIN)/pip install -q ./plugins/zoo-caffemodel  # installed like any third-party plugin
+	$(BIN)/pip install -q -e ./plugins/zoo-caffemodel  # installed like any third-party plugin (editable: edits apply)
 	touch $@
 
 .PHONY: install demo test lint bench

@@ -18,7 +18,7 @@ from numpy.lib import format as npy_format
 from zoo import safe_pickle
 from zoo.errors import ZooError
 from zoo.hookspecs import hookimpl
-from zoo.sources import Imported, Layer, WeightSource, fit_layers, map_file, mapping_notes
+from zoo.sources import Imported, Params, WeightSource, fit_params, map_file, mapping_notes
 
 _NPY_MAGIC = b"\x93NUMPY"
 
@@ -45,27 +45,23 @@ def read_npy_object(path: Path):
     return arr.item()
 
 
-def npy_layers(obj, path) -> dict[str, Layer]:
-    """{layer: [W, b]} or {layer: {'weights': W, 'biases': b}} -> {layer: (W, b)}."""
+def npy_params(obj, path) -> Params:
+    """{layer: [W, b]} or {layer: {'weights': W, 'biases': b, ...}} -> {layer: {param: array}}."""
     if not isinstance(obj, dict) or not obj:
         raise ZooError(f"expected a dict of layers, found {type(obj).__name__}", path)
     layers = {}
     for key, value in obj.items():
         layer = _text(key)
         if isinstance(value, dict):
-            value = {_text(k): v for k, v in value.items()}
-            extra = set(value) - {"weights", "biases"}
-            if extra or "weights" not in value:
-                raise ZooError(f"layer {layer!r} has parameters {sorted(value)}; zoo reads weights and biases", path)
-            pair = (value["weights"], value.get("biases"))
+            params = {_text(k): v for k, v in value.items()}
         elif isinstance(value, (list, tuple)) and 1 <= len(value) <= 2:
-            pair = (value[0], value[1] if len(value) == 2 else None)
+            params = dict(zip(("weights", "biases"), value))
         else:
-            raise ZooError(f"layer {layer!r}: expected [weights, biases], found {type(value).__name__}", path)
-        for what, arr in zip(("weights", "biases"), pair):
-            if arr is not None and (not isinstance(arr, np.ndarray) or not np.issubdtype(arr.dtype, np.floating)):
-                raise ZooError(f"layer {layer!r}: {what} is not a float array", path)
-        layers[layer] = pair
+            raise ZooError(f"layer {layer!r}: expected [weights, biases] or a dict of parameters, found {type(value).__name__}", path)
+        for name, arr in params.items():
+            if not isinstance(arr, np.ndarray) or not np.issubdtype(arr.dtype, np.floating):
+                raise ZooError(f"layer {layer!r}: {name} is not a float array", path)
+        layers[layer] = params
     return layers
 
 
@@ -78,7 +74,7 @@ class CaffeNpy(WeightSource):
         return head.startswith(_NPY_MAGIC) and b"'descr': '|O'" in head[:512]
 
     def read(self, path, spec, options):
-        fit = fit_layers(npy_layers(read_npy_object(path), path), spec, path, mapping=options.get("map"))
+        fit = fit_params(npy_params(read_npy_object(path), path), "caffe-tensorflow", spec, path, mapping=options.get("map"))
         return Imported(fit.spec, fit.tensors, notes=mapping_notes(fit), source_format="caffe-tensorflow-npy")
 
 

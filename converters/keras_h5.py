@@ -5,8 +5,9 @@
 - legacy `model.save("x.h5")` (and Keras 2 `save_weights("x.h5")`): `[model_weights/]<layer>/...`
   with `layer_names` and per-layer `weight_names` attributes.
 
-Keras' layout is zoo's canonical one, so tensors are taken as they are; layers are matched to the
-spec by name, else by order and shape (printed), or by `--map`.
+Keras' layout is zoo's canonical one, so tensors are taken as they are. A layer's variables are taken
+by position, as Keras itself loads these files (the names inside differ across Keras versions);
+layers are matched to the spec by name, else by order and shape (printed), or by `--map`.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import numpy as np
 
 from zoo.errors import ZooError
 from zoo.hookspecs import hookimpl
-from zoo.sources import CANONICAL, Imported, Layer, WeightSource, fit_layers, mapping_notes
+from zoo.sources import Imported, Params, WeightSource, fit_params, mapping_notes
 
 _HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"
 
@@ -47,32 +48,27 @@ class _Reader:
             raise ZooError(f"{dataset.name} claims {nbytes:,} bytes, more than any tensor of a registered spec", self.path)
         return dataset[()]
 
-    def keras3(self, group, prefix="") -> dict[str, Layer]:
+    def keras3(self, group, prefix="") -> Params:
         layers = {}
         for key in sorted(group, key=_natural):
             sub = group[key]
             name = prefix + _text(sub["vars"].attrs.get("name", key)) if "vars" in sub else prefix + key
             if "vars" in sub and len(sub["vars"]):
-                tensors = [self.array(sub["vars"][str(i)]) for i in range(len(sub["vars"]))]
-                layers[name] = (tensors[0], tensors[1] if len(tensors) > 1 else None)
+                layers[name] = {str(i): self.array(sub["vars"][str(i)]) for i in range(len(sub["vars"]))}
             if "layers" in sub:  # a nested model
                 layers.update(self.keras3(sub["layers"], name + "/"))
         return layers
 
-    def legacy(self, root) -> dict[str, Layer]:
+    def legacy(self, root) -> Params:
         layers = {}
         for name in (_text(n) for n in root.attrs["layer_names"]):
             weight_names = [_text(n) for n in root[name].attrs.get("weight_names", [])]
-            if not weight_names:
-                continue
-            arrays = {wn: self.array(root[name][wn]) for wn in weight_names}
-            kernel = next((a for wn, a in arrays.items() if "kernel" in wn), arrays[weight_names[0]])
-            bias = next((a for wn, a in arrays.items() if "bias" in wn), None)
-            layers[name] = (kernel, bias)
+            if weight_names:  # in the layer's variable order, as Keras' own loader takes them
+                layers[name] = {str(i): self.array(root[name][wn]) for i, wn in enumerate(weight_names)}
         return layers
 
 
-def read_h5_layers(path, max_bytes: int) -> dict[str, Layer]:
+def read_h5_params(path, max_bytes: int) -> Params:
     import h5py
 
     reader = _Reader(path, max_bytes)
@@ -103,10 +99,10 @@ class KerasH5(WeightSource):
 
         candidates = [spec] if spec else all_specs().values()
         largest = max(t.size * np.dtype(np.float64).itemsize for s in candidates for t in s.tensors.values())
-        layers = read_h5_layers(path, largest)
+        layers = read_h5_params(path, largest)
         if not layers:
             raise ZooError("holds no layer with weights", path)
-        fit = fit_layers(layers, spec, path, layout=CANONICAL, mapping=options.get("map"))
+        fit = fit_params(layers, "keras", spec, path, mapping=options.get("map"))
         return Imported(fit.spec, fit.tensors, notes=mapping_notes(fit), source_format="keras-h5")
 
 

@@ -2,8 +2,9 @@
 
 Read without torch: zipfile for the directory, the restricted unpickler for `data.pkl` (allowing only
 the container, tensor-rebuild and storage globals), and the storages as zero-copy views of the
-memory-mapped file. torchvision's AlexNet keys (features.N / classifier.N) reach `alexnet@torchvision`
-through the generic matcher: by order and shape of the weighted layers.
+memory-mapped file. Tensors are grouped by module (`layer1.0.bn1.running_mean` -> layer `layer1.0.bn1`,
+param `running_mean`) and matched to a spec by the generic matcher: by name (torchvision's module names
+are the `@torchvision` specs' layer names), else by the order and shapes of the weighted layers.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import numpy as np
 from zoo import safe_pickle
 from zoo.errors import ZooError
 from zoo.hookspecs import hookimpl
-from zoo.sources import OIHW, Imported, Layer, WeightSource, fit_layers, map_file, mapping_notes, release_pages
+from zoo.sources import Imported, Params, WeightSource, fit_params, map_file, mapping_notes, release_pages
 
 # torch storage classes -> numpy dtypes (bfloat16 is widened to float32 after reading)
 STORAGE_DTYPES = {
@@ -156,20 +157,13 @@ def state_dict_of(obj, path) -> dict[str, _Tensor]:
     return {re.sub(r"^(module\.)+", "", k): v for k, v in found.items()}
 
 
-def state_dict_layers(state: dict[str, np.ndarray], path) -> dict[str, Layer]:
-    """Group `<module>.weight` / `<module>.bias` pairs, in the file's order."""
-    layers: dict[str, list] = {}
+def state_dict_params(state: dict[str, np.ndarray]) -> Params:
+    """`<module>.<param>` keys grouped by module, in the file's order."""
+    layers: Params = {}
     for key, arr in state.items():
         module, _, param = key.rpartition(".")
-        if param not in ("weight", "bias"):
-            raise ZooError(f"unexpected tensor {key!r}: zoo maps weight and bias tensors only", path)
-        if not np.issubdtype(arr.dtype, np.floating):
-            raise ZooError(f"{key} is {arr.dtype}, not a float tensor", path)
-        layers.setdefault(module, [None, None])[param == "bias"] = arr
-    for module, (w, _) in layers.items():
-        if w is None:
-            raise ZooError(f"{module} has a bias but no weight", path)
-    return {m: (w, b) for m, (w, b) in layers.items()}
+        layers.setdefault(module, {})[param] = arr
+    return layers
 
 
 class TorchStateDict(WeightSource):
@@ -187,8 +181,8 @@ class TorchStateDict(WeightSource):
         except (zipfile.BadZipFile, zlib.error, struct.error, NotImplementedError, RuntimeError, EOFError, ValueError) as e:
             raise ZooError(f"corrupt torch.save zip ({type(e).__name__}: {e})", path) from None
         widened = [k for k, t in state.items() if t.bfloat16]
-        layers = state_dict_layers({k: t.numpy() for k, t in state.items()}, path)
-        fit = fit_layers(layers, spec, path, layout=OIHW, mapping=options.get("map"),
+        layers = state_dict_params({k: t.numpy() for k, t in state.items()})
+        fit = fit_params(layers, "torch", spec, path, mapping=options.get("map"),
                          release=lambda w: release_pages(torch_file.data, w))
         notes = [f"converted bfloat16 to float32 (exact): {', '.join(widened)}"] if widened else []
         return Imported(fit.spec, fit.tensors, notes=notes + mapping_notes(fit), source_format="torch-zip-state-dict")

@@ -1,9 +1,9 @@
-"""The one foreign-to-canonical transform (zoo.sources.rows_to_columns) against numpy's plain transposes."""
+"""The one foreign-to-canonical transform (zoo.layouts.rows_to_columns) against numpy's plain transposes."""
 
 import numpy as np
 import pytest
 
-from zoo.sources import rows_to_columns
+from zoo.layouts import rows_to_columns
 
 
 @pytest.mark.parametrize("shape, chw", [

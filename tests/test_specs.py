@@ -20,7 +20,7 @@ def test_bvlc_shapes_follow_caffe():
     assert t["conv4.kernel"].shape == (3, 3, 192, 384)
     assert t["conv5.kernel"].shape == (3, 3, 192, 256)
     assert t["fc6.kernel"].shape == (9216, 4096)
-    assert [spec.layer(n).output_shape for n in ("conv1", "pool1", "pool2", "pool5")] == [
+    assert [spec.node(n).output_shape for n in ("conv1", "pool1", "pool2", "pool5")] == [
         (55, 55, 96), (27, 27, 96), (13, 13, 256), (6, 6, 256)]
     assert spec.input["channel_order"] == "BGR" and spec.input_shape == (227, 227, 3)
 
@@ -28,8 +28,8 @@ def test_bvlc_shapes_follow_caffe():
 def test_torchvision_shapes():
     spec = get_spec("alexnet@torchvision")
     assert spec.tensors["conv1.kernel"].shape == (11, 11, 3, 64)
-    assert spec.layer("pool5").output_shape == (6, 6, 256)
-    assert not any(i.kind == "lrn" for i in spec.layer_infos)
+    assert spec.node("pool5").output_shape == (6, 6, 256)
+    assert not any(i.kind == "lrn" for i in spec.nodes)
 
 
 def test_fingerprint_is_stable_and_tracks_what_the_weights_mean():
@@ -60,7 +60,9 @@ def test_with_num_classes_reheads_only_the_head():
     (lambda d: d.update(head="fc9"), "head"),
     (lambda d: d["layers"][0].update(name="conv2"), "unique"),
     (lambda d: d.update(num_classes=10), "num_classes"),
-    (lambda d: d["layers"][2].update(size=4, stride=3), "rounding"),
+    (lambda d: d["layers"][2].update(pad=3), "padding"),
+    (lambda d: d["layers"][5].update(inputs=["fc8"]), "not an earlier layer"),
+    (lambda d: d["layers"][1].update(stride=2), "unknown config stride"),
     (lambda d: d.pop("layers"), "layers"),
 ])
 def test_invalid_specs_are_rejected_with_the_reason(edit, message):

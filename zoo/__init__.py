@@ -16,8 +16,8 @@ __all__ = ["ZooError", "all_specs", "convert", "create_model", "get_spec", "load
 
 
 def create_model(name, weights=None, num_classes=None, **kwargs):
-    """A keras.Model for spec `name` (e.g. "alexnet", "alexnet@torchvision"); see zoo.keras_model."""
-    from zoo.keras_model import create_model as _create
+    """A keras.Model for spec `name` (e.g. "alexnet", "alexnet@torchvision"); see zoo.backends.keras."""
+    from zoo.backends.keras import create_model as _create
 
     return _create(name, weights=weights, num_classes=num_classes, **kwargs)
 

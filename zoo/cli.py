@@ -68,7 +68,7 @@ def spec_info(spec) -> dict:
         "layers": [{"name": i.name, "kind": i.kind, "config": i.config, "output_shape": list(i.output_shape),
                     "params": i.num_params,
                     "tensors": [{"name": t.name, "shape": list(t.shape), "layout": t.layout, "dtype": t.dtype} for t in i.tensors]}
-                   for i in spec.layer_infos],
+                   for i in spec.nodes],
         "provenance": spec.provenance,
         "origin": spec.origin,
     }
@@ -87,7 +87,7 @@ def cmd_info(args):
     print(f"  parameters   {spec.num_params:,}    classes {spec.num_classes} (head: {spec.head})    fingerprint {spec.fingerprint}")
     print()
     print(f"  {'layer':<9} {'kind':<17} {'output':<14} {'params':>11}  config")
-    for i in spec.layer_infos:
+    for i in spec.nodes:
         cfg = " ".join(f"{k}={v}" for k, v in i.config.items())
         print(f"  {i.name:<9} {i.kind:<17} {'x'.join(map(str, i.output_shape)):<14} {i.num_params:>11,}  {cfg}")
     prov = spec.provenance

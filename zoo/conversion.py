@@ -12,10 +12,11 @@ from pathlib import Path
 import numpy as np
 
 from zoo.errors import ZooError
+from zoo.layouts import Deferred
 from zoo.plugins import PluginInfo, get_plugins
 from zoo.registry import get_spec
 from zoo.spec import ModelSpec
-from zoo.weights import Deferred, file_digest, save_weights
+from zoo.weights import file_digest, save_weights
 
 
 @dataclass

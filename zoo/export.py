@@ -1,16 +1,12 @@
 """Export verified weights (or a fine-tune run) to a TensorFlow SavedModel and to ONNX, each proven
 equal to the Keras model on a fixed seeded batch before it is called done.
 
-ONNX is written straight from the spec with onnx.helper, the weights as initializers: grouped convs
-become one `Conv` with `group`, LRN becomes `LRN`. tf2onnx was measured on the full AlexNet at ~14 GB
-and 60-80 s and cannot convert Keras' grouped convs at all (it reports success on an invalid file);
-this writer needs a few hundred MB and seconds (docs/performance.md). Either way nothing is trusted
-until onnx.checker and ONNX Runtime agree with TensorFlow.
+ONNX is written from the spec by zoo.backends.onnx (each layer kind's own nodes, weights streamed);
+nothing is trusted until onnx.checker and ONNX Runtime agree with TensorFlow.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from dataclasses import dataclass
@@ -18,12 +14,12 @@ from pathlib import Path
 
 import numpy as np
 
+from zoo.backends.onnx import DEFAULT_OPSET, onnx_graph, write_onnx
 from zoo.errors import ZooError
 from zoo.spec import ModelSpec
 from zoo.weights import Weights, load_weights
 
 FORMATS = ("savedmodel", "onnx")
-DEFAULT_OPSET = 17
 
 
 @dataclass
@@ -75,101 +71,6 @@ def compare(name: str, got: np.ndarray, want: np.ndarray, where) -> float:
 
 
 # --- ONNX -------------------------------------------------------------------------------------------
-
-
-def onnx_graph(spec: ModelSpec, tensors: dict[str, np.ndarray], classes: list[str], opset: int = DEFAULT_OPSET):
-    """The spec as an ONNX model without its weights, and the weights as [(initializer name, array in the
-    ONNX layout: a view of `tensors` where possible)]. NHWC float input `image`, outputs `logits` and `probabilities`."""
-    import onnx
-    from onnx import TensorProto, helper
-
-    nodes, inits = [], []
-    h, w = spec.input["size"]
-    batch = "batch"
-    x = "image_nchw"
-    nodes.append(helper.make_node("Transpose", ["image"], [x], perm=[0, 3, 1, 2]))
-    previous = spec.input_shape
-    for info in spec.layer_infos:
-        c, name, out = info.config, info.name, info.name
-        if info.kind == "conv":
-            kernel = tensors[f"{name}.kernel"].transpose(3, 2, 0, 1)  # HWIO -> OIHW
-            inits += [(f"{name}.weight", kernel), (f"{name}.bias", tensors[f"{name}.bias"])]
-            p = c.get("pad", 0)
-            nodes.append(helper.make_node("Conv", [x, f"{name}.weight", f"{name}.bias"], [out], name=name,
-                                          kernel_shape=[c["kernel"]] * 2, strides=[c.get("stride", 1)] * 2, pads=[p] * 4,
-                                          group=c.get("groups", 1)))
-        elif info.kind == "lrn":  # ONNX's alpha is Caffe's (divided by size inside)
-            nodes.append(helper.make_node("LRN", [x], [out], name=name, size=c["size"], alpha=c["alpha"], beta=c["beta"], bias=c.get("k", 1.0)))
-        elif info.kind in ("maxpool", "avgpool"):
-            op = "MaxPool" if info.kind == "maxpool" else "AveragePool"
-            nodes.append(helper.make_node(op, [x], [out], name=name, kernel_shape=[c["size"]] * 2, strides=[c.get("stride", c["size"])] * 2))
-        elif info.kind == "adaptive_avgpool":
-            f = previous[0] // c["output"]
-            nodes.append(helper.make_node("AveragePool", [x], [out], name=name, kernel_shape=[f, f], strides=[f, f]) if f > 1
-                         else helper.make_node("Identity", [x], [out], name=name))
-        elif info.kind == "flatten":  # back to NHWC first: the dense kernels expect H,W,C order
-            nodes.append(helper.make_node("Transpose", [x], [f"{name}_nhwc"], perm=[0, 2, 3, 1]))
-            nodes.append(helper.make_node("Flatten", [f"{name}_nhwc"], [out], name=name, axis=1))
-        elif info.kind == "dense":
-            inits += [(f"{name}.weight", tensors[f"{name}.kernel"]), (f"{name}.bias", tensors[f"{name}.bias"])]
-            nodes.append(helper.make_node("Gemm", [x, f"{name}.weight", f"{name}.bias"], [out], name=name))
-        elif info.kind == "dropout":
-            continue  # inference: identity
-        if c.get("activation") == "relu":
-            nodes.append(helper.make_node("Relu", [out], [f"{name}_relu"]))
-            out = f"{name}_relu"
-        elif c.get("activation"):
-            raise ZooError(f"activation {c['activation']!r} has no ONNX mapping")
-        x, previous = out, info.output_shape
-    nodes.append(helper.make_node("Identity", [x], ["logits"]))
-    nodes.append(helper.make_node("Softmax", ["logits"], ["probabilities"], axis=1))
-    graph = helper.make_graph(
-        nodes, spec.id, [helper.make_tensor_value_info("image", TensorProto.FLOAT, [batch, h, w, 3])],
-        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [batch, spec.num_classes]),
-         helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, [batch, spec.num_classes])])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], producer_name="zoo")
-    model.ir_version = min(model.ir_version, onnx.IR_VERSION)
-    meta = {"zoo.spec": spec.id, "zoo.fingerprint": spec.fingerprint, "zoo.classes": json.dumps(classes),
-            "zoo.input": json.dumps(spec.input), "zoo.layout": "NHWC, preprocessed as zoo.input says"}
-    helper.set_model_props(model, meta)
-    return model, inits
-
-
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        out.append((n & 0x7F) | (0x80 if n > 0x7F else 0))
-        n >>= 7
-        if not n:
-            return bytes(out)
-
-
-def _field(number: int, length: int) -> bytes:
-    """The key and length of a length-delimited protobuf field (wire type 2)."""
-    return _varint(number << 3 | 2) + _varint(length)
-
-
-def write_onnx(path: Path, model, inits: list[tuple[str, np.ndarray]], release=None) -> None:
-    """Write `model` with `inits` as initializers, streaming each weight from its array to the file.
-
-    protobuf merges repeated occurrences of a message field, so the file is the weightless model followed,
-    per initializer, by `ModelProto.graph { initializer { dims, data_type, name, raw_data } }`: the same
-    model as one with all initializers inside, without ever building it (onnx.helper would hold the
-    weights as protobuf, then serialise a second copy). `release(array)` follows each write."""
-    from onnx import TensorProto, helper
-
-    with open(path, "wb") as f:
-        f.write(model.SerializeToString())
-        for name, arr in inits:
-            data = np.ascontiguousarray(arr, dtype=arr.dtype.newbyteorder("<"))
-            head = TensorProto(name=name, dims=arr.shape, data_type=helper.np_dtype_to_tensor_dtype(arr.dtype)).SerializeToString()
-            tensor = len(head) + len(_field(9, data.nbytes)) + data.nbytes
-            graph = len(_field(5, tensor)) + tensor
-            f.write(_field(7, graph) + _field(5, tensor) + head + _field(9, data.nbytes))
-            f.write(memoryview(data.reshape(-1)).cast("B"))
-            del data
-            if release:
-                release(arr)
 
 
 def export_onnx(src: Source, out: Path, reference, opset: int = DEFAULT_OPSET) -> Path:
@@ -272,7 +173,7 @@ def export(source, formats=FORMATS, out=None, opset: int = DEFAULT_OPSET) -> lis
 
     @cache
     def keras_model():  # built when first needed: after the ONNX check, so TensorFlow loads only then
-        from zoo.keras_model import create_model
+        from zoo.backends.keras import create_model
 
         return create_model(None, weights=src.weights)
 

@@ -165,7 +165,7 @@ def _callbacks(run: Path, model, full_model, spec, classes, cfg, probe):
     import keras
     import tensorflow as tf
 
-    from zoo.keras_model import model_tensors
+    from zoo.backends.keras import model_tensors
     from zoo.weights import save_weights
 
     class Checkpoint(keras.callbacks.Callback):
@@ -377,13 +377,13 @@ def finetune(config: FinetuneConfig | None = None, **overrides) -> FinetuneResul
     base_spec = resolve_spec(cfg.model, weights)
     train, val, head = load_samples(cfg)
     spec = base_spec.with_num_classes(head)
-    trained = resolve_trainable(spec.layer_names, [i.name for i in spec.weighted_layers], cfg.train, cfg.freeze)
+    trained = resolve_trainable(spec.layer_names, [i.name for i in spec.weighted_nodes], cfg.train, cfg.freeze)
     if not trained:
         raise ZooError("every weighted layer is frozen: nothing to train")
     if spec.head not in trained and head != base_spec.num_classes:
         raise ZooError(f"the new head {spec.head} must be trained (it is freshly initialised)")
     first = spec.layer_names.index(trained[0])
-    frozen_prefix = all(i.name in trained for i in spec.weighted_layers if spec.layer_names.index(i.name) >= first)
+    frozen_prefix = all(i.name in trained for i in spec.weighted_nodes if spec.layer_names.index(i.name) >= first)
     if cfg.cache_features == "on" and not frozen_prefix:
         raise ZooError("--cache-features on needs every layer after the first trained one to be trained")
     if cfg.cache_features == "on" and cfg.augment:
@@ -409,8 +409,8 @@ def finetune(config: FinetuneConfig | None = None, **overrides) -> FinetuneResul
     import numpy as np
     import tensorflow as tf
 
+    from zoo.backends.keras import create_model, model_tensors
     from zoo.data import batch_per_epoch, epochs_dataset, eval_dataset, untuned
-    from zoo.keras_model import create_model, model_tensors
     from zoo.weights import save_weights
 
     keras.utils.set_random_seed(cfg.seed)

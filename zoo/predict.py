@@ -60,8 +60,8 @@ class SavedModelPredictor:
 
 class KerasPredictor:
     def __init__(self, path: Path):
+        from zoo.backends.keras import create_model
         from zoo.export import open_source
-        from zoo.keras_model import create_model
 
         src = open_source(path)
         self.spec, self.classes = src.spec, src.classes

@@ -1,7 +1,8 @@
-"""Model specs: plain data (zoo/specs/*.json or a plugin's) and the code that reads shapes out of it.
+"""Model specs: plain data (zoo/specs/*.json or a plugin's) and what is derived from it.
 
-A spec lists layers in order; the parameter tensors, output shapes and parameter counts are derived
-from the layer configs here, so the JSON never states a shape twice.
+A spec is a graph of layers (zoo.graph) plus the input it expects, its head and its provenance. The
+parameter tensors, output shapes and parameter counts are derived from the layer configs by each
+layer kind (zoo.layers), so the JSON never states a shape twice.
 """
 
 from __future__ import annotations
@@ -9,60 +10,15 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-import math
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 
+from zoo import graph
 from zoo.errors import ZooError
+from zoo.layers import KINDS, Node, TensorSpec
 
-# The canonical layout of every weights file zoo writes (docs/formats.md): Keras' own.
-LAYOUTS = {
-    "conv.kernel": "HWIO",  # (kh, kw, in_channels / groups, out_channels)
-    "dense.kernel": "IO",  # (in, out); after a flatten the inputs are in H,W,C order
-    "bias": "O",
-}
-
-LAYER_KINDS = {"conv", "lrn", "maxpool", "avgpool", "adaptive_avgpool", "flatten", "dense", "dropout"}
-# The config keys that change what a layer computes, hence its weights' meaning (the fingerprint).
-_COMPUTE_KEYS = {
-    "conv": ("filters", "kernel", "stride", "pad", "groups", "activation"),
-    "lrn": ("size", "alpha", "beta", "k"),
-    "maxpool": ("size", "stride", "rounding"),
-    "avgpool": ("size", "stride", "rounding"),
-    "adaptive_avgpool": ("output",),
-    "flatten": (),
-    "dense": ("units", "activation"),
-    "dropout": ("rate",),
-}
-
-
-@dataclass(frozen=True)
-class TensorSpec:
-    name: str  # "conv1.kernel"
-    layer: str
-    shape: tuple[int, ...]
-    layout: str
-    dtype: str = "float32"
-
-    @property
-    def size(self) -> int:
-        return math.prod(self.shape)
-
-
-@dataclass(frozen=True)
-class LayerInfo:
-    """A layer with what the spec derives for it: output shape (H, W, C) or (N,) and its tensors."""
-
-    name: str
-    kind: str
-    config: dict
-    output_shape: tuple[int, ...]
-    tensors: tuple[TensorSpec, ...]
-
-    @property
-    def num_params(self) -> int:
-        return sum(t.size for t in self.tensors)
+FINGERPRINT_VERSION = 2  # 2: the graph's wiring and every kind's computing config
 
 
 @dataclass(frozen=True)
@@ -101,7 +57,7 @@ class ModelSpec:
             )
         except (KeyError, TypeError, ValueError) as e:
             raise ZooError(f"invalid model spec: missing or bad field {e}") from None
-        _ = spec.layer_infos  # validate now, not at first use
+        spec._validate()
         return spec
 
     @classmethod
@@ -126,41 +82,62 @@ class ModelSpec:
             "provenance": copy.deepcopy(self.provenance),
         }
 
+    def _validate(self) -> None:
+        nodes = self.nodes  # every layer checked
+        if self.head not in self.layer_names:
+            raise ZooError(f"model spec {self.id}: head {self.head!r} is not one of its layers")
+        if KINDS[self.node(self.head).kind].name not in ("dense", "conv"):
+            raise ZooError(f"model spec {self.id}: head {self.head!r} must be a dense or conv layer")
+        if nodes[-1].output_shape != (self.num_classes,):
+            raise ZooError(f"model spec {self.id}: output {nodes[-1].output_shape} does not match num_classes {self.num_classes}")
+        read = {i for n in nodes for i in n.inputs}
+        unused = [n.name for n in nodes[:-1] if n.name not in read]
+        if unused:
+            raise ZooError(f"model spec {self.id}: layers whose output nothing reads: {', '.join(unused)}")
+
     def with_num_classes(self, num_classes: int) -> ModelSpec:
         """The same network with a head of `num_classes` outputs (a fine-tuned model's spec)."""
         if num_classes == self.num_classes:
             return self
         if num_classes < 1:
             raise ZooError(f"number of classes must be at least 1, not {num_classes}")
-        layers = tuple(dict(layer, units=num_classes) if layer["name"] == self.head else layer for layer in self.layers)
+        key = "units" if self.node(self.head).kind == "dense" else "filters"
+        layers = tuple(dict(layer, **{key: num_classes}) if layer["name"] == self.head else layer for layer in self.layers)
         data = self.to_dict() | {"layers": layers, "num_classes": num_classes, "categories": None}
         return ModelSpec.from_dict(data, self.origin)
 
-    @cached_property
-    def layer_infos(self) -> tuple[LayerInfo, ...]:
-        return tuple(_infer_layers(self))
+    def with_input_size(self, height: int, width: int) -> ModelSpec:
+        """The same network on another input size, where every layer allows it (global pooling)."""
+        if [height, width] == list(self.input["size"]):
+            return self
+        data = self.to_dict() | {"input": dict(self.input, size=[height, width])}
+        return ModelSpec.from_dict(data, self.origin)
 
-    def layer(self, name: str) -> LayerInfo:
-        for info in self.layer_infos:
-            if info.name == name:
-                return info
+    @cached_property
+    def nodes(self) -> tuple[Node, ...]:
+        return graph.infer(self.layers, self.input_shape, f"model spec {self.id}")
+
+    def node(self, name: str) -> Node:
+        for node in self.nodes:
+            if node.name == name:
+                return node
         raise ZooError(f"{self.id} has no layer {name!r}; layers: {', '.join(self.layer_names)}")
 
     @property
     def layer_names(self) -> list[str]:
-        return [info.name for info in self.layer_infos]
+        return [n.name for n in self.nodes]
 
     @property
-    def weighted_layers(self) -> list[LayerInfo]:
-        return [info for info in self.layer_infos if info.tensors]
+    def weighted_nodes(self) -> list[Node]:
+        return [n for n in self.nodes if n.tensors]
 
-    @property
+    @cached_property
     def tensors(self) -> dict[str, TensorSpec]:
-        return {t.name: t for info in self.layer_infos for t in info.tensors}
+        return {t.name: t for n in self.nodes for t in n.tensors}
 
     @property
     def num_params(self) -> int:
-        return sum(info.num_params for info in self.layer_infos)
+        return sum(n.num_params for n in self.nodes)
 
     @property
     def input_shape(self) -> tuple[int, int, int]:
@@ -169,85 +146,18 @@ class ModelSpec:
 
     @cached_property
     def fingerprint(self) -> str:
-        """Hash of what makes weights fit: input shape, layer kinds and compute configs, tensor shapes."""
+        """Hash of what makes weights fit: input shape, the graph's wiring, each layer's kind and computing
+        config, the tensor shapes and layouts."""
         canon = {
+            "fingerprint_version": FINGERPRINT_VERSION,
             "input": list(self.input_shape),
-            "layers": [
-                [info.name, info.kind, {k: info.config.get(k) for k in _COMPUTE_KEYS[info.kind]}]
-                for info in self.layer_infos
-            ],
+            "layers": [[n.name, n.kind, list(n.inputs), {k: n.config[k] for k in _computing(n)}] for n in self.nodes],
             "tensors": [[t.name, list(t.shape), t.layout, t.dtype] for t in self.tensors.values()],
         }
         blob = json.dumps(canon, sort_keys=True, separators=(",", ":")).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
 
-def _out_size(size: int, window: int, stride: int, pad: int, rounding: str) -> int:
-    span = size + 2 * pad - window
-    if span < 0:
-        raise ValueError(f"window {window} larger than input {size}")
-    return (math.ceil(span / stride) if rounding == "ceil" else span // stride) + 1
-
-
-def _infer_layers(spec: ModelSpec):
-    """Walk the layers, checking configs and deriving each layer's output shape and tensors."""
-    shape: tuple[int, ...] = spec.input_shape
-    names = set()
-    for layer in spec.layers:
-        name, kind = layer.get("name"), layer.get("kind")
-        where = f"model spec {spec.id}, layer {name!r}"
-        if kind not in LAYER_KINDS:
-            raise ZooError(f"{where}: unknown kind {kind!r} (known: {', '.join(sorted(LAYER_KINDS))})")
-        if not name or name in names:
-            raise ZooError(f"{where}: layer names must be unique and non-empty")
-        names.add(name)
-        tensors: tuple[TensorSpec, ...] = ()
-        try:
-            if kind in ("conv", "maxpool", "avgpool", "lrn", "adaptive_avgpool") and len(shape) != 3:
-                raise ValueError(f"needs an (H, W, C) input, got {shape}")
-            if kind == "conv":
-                h, w, c = shape
-                k, s, p, g = layer["kernel"], layer.get("stride", 1), layer.get("pad", 0), layer.get("groups", 1)
-                f = layer["filters"]
-                if c % g or f % g:
-                    raise ValueError(f"groups={g} must divide input channels {c} and filters {f}")
-                shape = (_out_size(h, k, s, p, "floor"), _out_size(w, k, s, p, "floor"), f)
-                tensors = (
-                    TensorSpec(f"{name}.kernel", name, (k, k, c // g, f), LAYOUTS["conv.kernel"]),
-                    TensorSpec(f"{name}.bias", name, (f,), LAYOUTS["bias"]),
-                )
-            elif kind in ("maxpool", "avgpool"):
-                h, w, c = shape
-                k, s, rounding = layer["size"], layer.get("stride", layer["size"]), layer.get("rounding", "floor")
-                out = [_out_size(n, k, s, 0, rounding) for n in (h, w)]
-                # Keras pools with floor rounding; Caffe's ceil only matters when the window does not tile.
-                if out != [_out_size(n, k, s, 0, "floor") for n in (h, w)]:
-                    raise ValueError(f"{rounding} rounding differs from floor at input {h}x{w}: not supported")
-                shape = (out[0], out[1], c)
-            elif kind == "adaptive_avgpool":
-                h, w, c = shape
-                o = layer["output"]
-                if h % o or w % o:
-                    raise ValueError(f"input {h}x{w} is not a multiple of output {o}: not supported")
-                shape = (o, o, c)
-            elif kind == "flatten":
-                shape = (math.prod(shape),)
-            elif kind == "dense":
-                if len(shape) != 1:
-                    raise ValueError(f"needs a flat input, got {shape}; add a flatten layer")
-                u = layer["units"]
-                tensors = (
-                    TensorSpec(f"{name}.kernel", name, (shape[0], u), LAYOUTS["dense.kernel"]),
-                    TensorSpec(f"{name}.bias", name, (u,), LAYOUTS["bias"]),
-                )
-                shape = (u,)
-            elif kind == "lrn" and layer["size"] % 2 == 0:
-                raise ValueError("size must be odd")
-        except (KeyError, ValueError, TypeError) as e:
-            raise ZooError(f"{where}: {e if not isinstance(e, KeyError) else f'missing {e}'}") from None
-        config = {k: v for k, v in layer.items() if k not in ("name", "kind")}
-        yield LayerInfo(name, kind, config, shape, tensors)
-    if spec.head not in names:
-        raise ZooError(f"model spec {spec.id}: head {spec.head!r} is not one of its layers")
-    if shape != (spec.num_classes,):
-        raise ZooError(f"model spec {spec.id}: output {shape} does not match num_classes {spec.num_classes}")
+def _computing(node: Node) -> tuple[str, ...]:
+    kind = KINDS[node.kind]
+    return kind.computes if kind.computes is not None else tuple(kind.schema)

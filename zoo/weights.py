@@ -11,13 +11,13 @@ import hashlib
 import json
 import os
 import secrets
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from zoo.errors import ZooError
+from zoo.layouts import Deferred
 from zoo.mapped import drop_pages, map_file, release_pages
 from zoo.spec import ModelSpec
 
@@ -97,18 +97,6 @@ def spec_metadata(spec: ModelSpec) -> dict[str, str]:
 def atomic_output(path: Path) -> Path:
     """A fresh temporary name beside `path`, for write-then-rename."""
     return path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(6)}.tmp")
-
-
-@dataclass(frozen=True)
-class Deferred:
-    """A tensor that is computed straight into its place in the output file (a layout transform of a
-    mapped source): no canonical copy of the model is ever held in memory.
-
-    `fill(dst)` writes the tensor into `dst`, a C-contiguous array of `shape` and `dtype`."""
-
-    shape: tuple[int, ...]
-    dtype: np.dtype
-    fill: Callable[[np.ndarray], None]
 
 
 _DTYPES = {"float32": "F32", "float16": "F16", "float64": "F64", "int64": "I64", "int32": "I32", "uint8": "U8"}

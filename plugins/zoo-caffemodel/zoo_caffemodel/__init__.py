@@ -1,8 +1,9 @@
 """zoo plugin `caffemodel`: BVLC Caffe .caffemodel files, read directly through zoo's public API.
 
-The plugin parses the NetParameter binary (zoo_caffemodel.caffemodel), hands zoo its layers in Caffe's
-layout (conv (out, in/groups, kh, kw), InnerProduct (out, in) with C,H,W inputs) and lets zoo's
-matcher find the spec and do the transform to the canonical layout. zoo writes and verifies the output.
+The plugin parses the NetParameter binary (zoo_caffemodel.caffemodel) and hands zoo each layer's blobs
+by position, in Caffe's layout ("caffe" convention: conv (out, in/groups, kh, kw), InnerProduct (out, in)
+with C,H,W inputs, BatchNorm's three running-sum blobs, Scale's gamma and beta). zoo's matcher finds the
+spec and each layer kind does its own transform. zoo writes and verifies the output.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from pathlib import Path
 
 from zoo.errors import ZooError
 from zoo.hookspecs import hookimpl
-from zoo.sources import OIHW, Imported, WeightSource, fit_layers, map_file, mapping_notes, release_pages
+from zoo.sources import Imported, WeightSource, fit_params, map_file, mapping_notes, release_pages
 from zoo.weights import file_digest
 from zoo_caffemodel.caffemodel import read_layers
 from zoo_caffemodel.prototxt import layer_settings
@@ -39,12 +40,12 @@ def prototxt_notes(spec, prototxt, layers) -> list[str]:
     except OSError as e:
         raise ZooError(f"cannot read prototxt: {e.strerror}", prototxt) from None
     notes = []
-    for info in spec.weighted_layers:
-        if info.name not in settings:
-            notes.append(f"WARNING: prototxt {prototxt} has no layer {info.name!r}")
-        elif info.kind == "conv" and settings[info.name]["group"] != info.config.get("groups", 1):
-            notes.append(f"WARNING: prototxt says {info.name} has group {settings[info.name]['group']}, "
-                         f"{spec.id} has {info.config.get('groups', 1)}")
+    for node in spec.weighted_nodes:
+        if node.name not in settings:
+            notes.append(f"WARNING: prototxt {prototxt} has no layer {node.name!r}")
+        elif node.kind == "conv" and settings[node.name]["group"] != node.config["groups"]:
+            notes.append(f"WARNING: prototxt says {node.name} has group {settings[node.name]['group']}, "
+                         f"{spec.id} has {node.config['groups']}")
     unknown = sorted({layer.name for layer in layers if layer.blobs} - set(settings))
     if unknown:
         notes.append(f"WARNING: layers with weights that the prototxt does not define: {', '.join(unknown)}")
@@ -66,10 +67,10 @@ class CaffeModel(WeightSource):
             net, layers, kind = read_layers(memoryview(data))
         except WireError as e:
             raise ZooError(f"not a valid .caffemodel: {e}", path) from None
-        weighted = {layer.name: (layer.blobs[0], layer.blobs[1] if len(layer.blobs) > 1 else None) for layer in layers if layer.blobs}
+        weighted = {layer.name: {str(i): blob for i, blob in enumerate(layer.blobs)} for layer in layers if layer.blobs}
         if not weighted:
             raise ZooError(f"net {net!r} holds no blobs (a deploy net without weights?)", path)
-        fit = fit_layers(weighted, spec, path, layout=OIHW, mapping=options.get("map"), release=lambda w: release_pages(data, w))
+        fit = fit_params(weighted, "caffe", spec, path, mapping=options.get("map"), release=lambda w: release_pages(data, w))
         notes = [f"read net {net!r} ({kind}, {len(layers)} layers)"] + mapping_notes(fit) + genuine_notes(fit.spec, Path(path))
         if options.get("prototxt"):
             notes += prototxt_notes(fit.spec, options["prototxt"], layers)

@@ -1,0 +1,92 @@
+"""A spec's layers as a graph: each layer names its inputs (default: the layer before it; the first
+layer's is "input", the image). Layers are listed in an order where every input comes first, so that
+order is the graph's topological order and every walker is one loop.
+
+`infer` applies each kind's schema, checks configs and derives every output shape and parameter
+tensor; `cut` finds where a graph splits into a frozen prefix and a trained rest.
+"""
+
+from __future__ import annotations
+
+from zoo.errors import ZooError
+from zoo.layers import KINDS, REQUIRED, Node, TensorSpec
+
+INPUT = "input"
+
+
+def _config(kind, layer: dict) -> dict:
+    given = {k: v for k, v in layer.items() if k not in ("name", "kind", "inputs")}
+    unknown = sorted(set(given) - set(kind.schema))
+    if unknown:
+        raise ValueError(f"unknown config {', '.join(unknown)} for kind {kind.name} (it takes: {', '.join(kind.schema) or 'none'})")
+    missing = [k for k, v in kind.schema.items() if v is REQUIRED and k not in given]
+    if missing:
+        raise ValueError(f"missing {', '.join(missing)}")
+    return {k: given.get(k, v) for k, v in kind.schema.items()}
+
+
+def _inputs(layer: dict, previous: str) -> tuple[str, ...]:
+    inputs = layer.get("inputs", [previous])
+    if isinstance(inputs, str):
+        inputs = [inputs]
+    if not isinstance(inputs, list) or not inputs or not all(isinstance(i, str) for i in inputs):
+        raise ValueError(f"inputs must be a layer name or a list of them, not {inputs!r}")
+    return tuple(inputs)
+
+
+def infer(layers, input_shape: tuple[int, ...], where: str) -> tuple[Node, ...]:
+    """Every layer as a Node, in order; one ZooError naming the layer for the first problem."""
+    nodes: dict[str, Node] = {}
+    shapes = {INPUT: tuple(input_shape)}
+    flat_from: dict[str, tuple | None] = {INPUT: None}
+    previous = INPUT
+    for layer in layers:
+        name = layer.get("name") if isinstance(layer, dict) else None
+        at = f"{where}, layer {name!r}"
+        if not isinstance(name, str) or not name or name in shapes:
+            raise ZooError(f"{at}: layer names must be unique, non-empty and not {INPUT!r}")
+        kind = KINDS.get(layer.get("kind")) if isinstance(layer.get("kind"), str) else None
+        if kind is None:
+            raise ZooError(f"{at}: unknown kind {layer.get('kind')!r} (known: {', '.join(sorted(KINDS))})")
+        try:
+            inputs = _inputs(layer, previous)
+            unknown = [i for i in inputs if i not in shapes]
+            if unknown:
+                raise ValueError(f"input {unknown[0]!r} is not an earlier layer (layers are listed inputs first)")
+            if kind.inputs and len(inputs) != kind.inputs or not kind.inputs and len(inputs) < 2:
+                raise ValueError(f"takes {kind.inputs or 'two or more'} input(s), not {len(inputs)}")
+            cfg = _config(kind, layer)
+            in_shapes = [shapes[i] for i in inputs]
+            kind.check(cfg, in_shapes)
+            out = tuple(kind.output_shape(cfg, in_shapes))
+            tensors = tuple(TensorSpec(f"{name}.{p}", name, p, tuple(shape), layout)
+                            for p, (shape, layout) in kind.params(cfg, in_shapes).items())
+        except (KeyError, ValueError, TypeError) as e:
+            raise ZooError(f"{at}: {e if not isinstance(e, KeyError) else f'missing {e}'}") from None
+        flat = in_shapes[0] if kind.name == "flatten" and len(in_shapes[0]) == 3 else \
+            flat_from[inputs[0]] if kind.passthrough else None
+        nodes[name] = Node(name, kind.name, cfg, inputs, tuple(in_shapes), out, tensors, flat_from[inputs[0]])
+        shapes[name], flat_from[name], previous = out, flat, name
+    return tuple(nodes.values())
+
+
+def consumers(nodes) -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {INPUT: []}
+    for node in nodes:
+        out.setdefault(node.name, [])
+        for i in node.inputs:
+            out[i].append(node.name)
+    return out
+
+
+def cut(nodes, first: str) -> str | None:
+    """The one layer whose output is everything the layers from `first` on read of the layers before
+    it, or None when they read several (no single tensor to cache). Dropout right before `first` stays
+    on the trained side: cached training must still apply it."""
+    names = [n.name for n in nodes]
+    start = names.index(first)
+    while start > 0 and nodes[start - 1].kind == "dropout" and nodes[start].inputs == (names[start - 1],):
+        start -= 1
+    before = set(names[:start]) | {INPUT}
+    read = {i for node in nodes[start:] for i in node.inputs if i in before}
+    return read.pop() if len(read) == 1 else None

@@ -1,0 +1,196 @@
+"""The short builders behind the generated spec files: `python -m zoo.specs.builders` rewrites them.
+
+The specs are data: the JSON files beside this module are what zoo reads and fingerprints. Families of
+repeated blocks are written by these functions instead of by hand (as Keras Applications' stack
+functions name `conv2_block1_1_conv`), and the Caffe networks are translated from their published
+deploy prototxts by the zoo-caffemodel plugin. tests/test_specs.py checks the files equal the builders'
+output, so the two cannot drift.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+HERE = Path(__file__).parent
+RESNET50_BLOCKS = (3, 4, 6, 3)
+
+IMAGENET_TORCH = {"channel_order": "RGB", "value_range": [0, 1], "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225],
+                  "resize": 256}
+CAFFE_BGR = {"channel_order": "BGR", "value_range": [0, 255], "std": [1.0, 1.0, 1.0], "resize": 256}
+KERAS_CAFFE_MEAN = [103.939, 116.779, 123.68]  # keras.applications.imagenet_utils, mode "caffe" (BGR)
+
+
+def _input(size: int, preprocessing: dict, **extra) -> dict:
+    return {"size": [size, size], "channels": 3} | preprocessing | extra
+
+
+def resnet50_torchvision(width: int = 64) -> list[dict]:
+    """torchvision's ResNet-50 (V1.5: stride in the 3x3 conv), under its module names."""
+    layers = [{"name": "conv1", "kind": "conv", "filters": width, "kernel": 7, "stride": 2, "pad": 3, "bias": False},
+              {"name": "bn1", "kind": "batchnorm", "epsilon": 1e-5, "momentum": 0.9},
+              {"name": "relu", "kind": "relu"},
+              {"name": "maxpool", "kind": "maxpool", "size": 3, "stride": 2, "pad": 1}]
+    x = "maxpool"
+    for stage, blocks in enumerate(RESNET50_BLOCKS):
+        planes = width * 2 ** stage
+        for b in range(blocks):
+            p, stride = f"layer{stage + 1}.{b}", 2 if stage and not b else 1
+
+            def conv_bn(i, filters, kernel, s=1, pad=0, src=None):
+                conv = {"name": f"{p}.conv{i}", "kind": "conv", "filters": filters, "kernel": kernel, "stride": s, "pad": pad, "bias": False}
+                return [conv | ({"inputs": [src]} if src else {}), {"name": f"{p}.bn{i}", "kind": "batchnorm", "epsilon": 1e-5, "momentum": 0.9}]
+
+            layers += conv_bn(1, planes, 1, src=x) + [{"name": f"{p}.relu1", "kind": "relu"}]
+            layers += conv_bn(2, planes, 3, stride, 1) + [{"name": f"{p}.relu2", "kind": "relu"}] + conv_bn(3, planes * 4, 1)
+            shortcut = x
+            if b == 0:
+                layers += [{"name": f"{p}.downsample.0", "kind": "conv", "filters": planes * 4, "kernel": 1, "stride": stride,
+                            "bias": False, "inputs": [x]},
+                           {"name": f"{p}.downsample.1", "kind": "batchnorm", "epsilon": 1e-5, "momentum": 0.9}]
+                shortcut = f"{p}.downsample.1"
+            layers += [{"name": f"{p}.add", "kind": "add", "inputs": [f"{p}.bn3", shortcut]}, {"name": f"{p}.relu3", "kind": "relu"}]
+            x = f"{p}.relu3"
+    return layers + [{"name": "avgpool", "kind": "global_avgpool"}, {"name": "fc", "kind": "dense", "units": 1000}]
+
+
+def resnet50_keras(width: int = 64) -> list[dict]:
+    """keras.applications.ResNet50 (V1: stride in a block's first 1x1; convs with bias; BN epsilon 1.001e-5),
+    under Keras' layer names. Keras' ZeroPadding2D layers are the convs' and pool's own padding here (the
+    pool's input is non-negative, so zero and -inf padding agree)."""
+    def conv_bn(name, filters, kernel, stride=1, pad=0, src=None):
+        conv = {"name": f"{name}_conv", "kind": "conv", "filters": filters, "kernel": kernel, "stride": stride, "pad": pad}
+        return [conv | ({"inputs": [src]} if src else {}), {"name": f"{name}_bn", "kind": "batchnorm", "epsilon": 1.001e-5}]
+
+    layers = conv_bn("conv1", width, 7, 2, 3) + [{"name": "conv1_relu", "kind": "relu"},
+                                                 {"name": "pool1_pool", "kind": "maxpool", "size": 3, "stride": 2, "pad": 1}]
+    x = "pool1_pool"
+    for stage, blocks in enumerate(RESNET50_BLOCKS):
+        filters = width * 2 ** stage
+        for b in range(blocks):
+            p, stride = f"conv{stage + 2}_block{b + 1}", 2 if stage and not b else 1
+            shortcut = x
+            if b == 0:
+                layers += conv_bn(f"{p}_0", filters * 4, 1, stride, src=x)
+                shortcut = f"{p}_0_bn"
+            layers += conv_bn(f"{p}_1", filters, 1, stride, src=x) + [{"name": f"{p}_1_relu", "kind": "relu"}]
+            layers += conv_bn(f"{p}_2", filters, 3, 1, "same") + [{"name": f"{p}_2_relu", "kind": "relu"}]
+            layers += conv_bn(f"{p}_3", filters * 4, 1)
+            layers += [{"name": f"{p}_add", "kind": "add", "inputs": [shortcut, f"{p}_3_bn"]}, {"name": f"{p}_out", "kind": "relu"}]
+            x = f"{p}_out"
+    return layers + [{"name": "avg_pool", "kind": "global_avgpool"}, {"name": "predictions", "kind": "dense", "units": 1000}]
+
+
+def vgg16_torchvision() -> list[dict]:
+    """torchvision's vgg16 under its module names (features.N, classifier.N)."""
+    layers, i = [], 0
+    for stage, (filters, convs) in enumerate(zip((64, 128, 256, 512, 512), (2, 2, 3, 3, 3))):
+        for _ in range(convs):
+            layers += [{"name": f"features.{i}", "kind": "conv", "filters": filters, "kernel": 3, "pad": 1},
+                       {"name": f"features.{i + 1}", "kind": "relu"}]
+            i += 2
+        layers.append({"name": f"features.{i}", "kind": "maxpool", "size": 2, "stride": 2})
+        i += 1
+    return layers + [
+        {"name": "avgpool", "kind": "adaptive_avgpool", "output": 7}, {"name": "flatten", "kind": "flatten"},
+        {"name": "classifier.0", "kind": "dense", "units": 4096}, {"name": "classifier.1", "kind": "relu"},
+        {"name": "classifier.2", "kind": "dropout", "rate": 0.5},
+        {"name": "classifier.3", "kind": "dense", "units": 4096}, {"name": "classifier.4", "kind": "relu"},
+        {"name": "classifier.5", "kind": "dropout", "rate": 0.5},
+        {"name": "classifier.6", "kind": "dense", "units": 1000}]
+
+
+def caffe_layers(prototxt: Path) -> list[dict]:
+    from zoo_caffemodel.to_spec import spec_layers
+
+    return spec_layers(prototxt.read_text(), prototxt)[0]
+
+
+TORCHVISION = "https://github.com/pytorch/vision (torchvision.models)"
+
+
+def specs(prototxts: Path) -> dict[str, dict]:
+    """{file name: spec} for every generated spec; `prototxts` holds the published deploy prototxts."""
+    def spec(family, version, description, size, preprocessing, layers, provenance):
+        return {"family": family, "version": version, "default": False, "description": description,
+                "input": _input(size, preprocessing), "layers": layers, "head": layers[-1]["name"], "num_classes": 1000,
+                "categories": "imagenet-1k", "provenance": provenance}
+
+    resnet = "He, Zhang, Ren, Sun. Deep Residual Learning for Image Recognition. CVPR 2016."
+    vgg = "Simonyan, Zisserman. Very Deep Convolutional Networks for Large-Scale Image Recognition. ICLR 2015."
+    out = {
+        "caffenet_bvlc.json": spec(
+            "caffenet", "bvlc", "BVLC Reference CaffeNet (models/bvlc_reference_caffenet): AlexNet with pooling before LRN.",
+            227, CAFFE_BGR | {"mean": [104.007, 116.669, 122.679]}, caffe_layers(prototxts / "bvlc_reference_caffenet_deploy.prototxt"),
+            {"paper": "Krizhevsky, Sutskever, Hinton. ImageNet Classification with Deep Convolutional Neural Networks. NIPS 2012 "
+                      "(CaffeNet: BVLC's reproduction with pooling and LRN swapped).",
+             "origin": "https://github.com/BVLC/caffe/tree/master/models/bvlc_reference_caffenet",
+             "reference_files": {"bvlc_reference_caffenet.caffemodel": {"sha1": "4c8d77deb20ea792f84eb5e6d0a11ca0a8660a46"}},
+             "metrics": {"imagenet-1k": {"top1": 57.4, "top5": 80.4, "protocol": "center crop, Caffe model zoo readme"}},
+             "license": "unrestricted use (BVLC model zoo)"}),
+        "googlenet_bvlc.json": spec(
+            "googlenet", "bvlc", "BVLC GoogLeNet (models/bvlc_googlenet): Inception v1, deploy net without the auxiliary heads.",
+            224, CAFFE_BGR | {"mean": [104.0, 117.0, 123.0]}, caffe_layers(prototxts / "bvlc_googlenet_deploy.prototxt"),
+            {"paper": "Szegedy et al. Going Deeper with Convolutions. CVPR 2015.",
+             "origin": "https://github.com/BVLC/caffe/tree/master/models/bvlc_googlenet",
+             "reference_files": {"bvlc_googlenet.caffemodel": {"sha1": "405fc5acd08a3bb12de8ee5e23a96bec22f08204"}},
+             "metrics": {"imagenet-1k": {"top1": 68.7, "top5": 88.9, "protocol": "center crop, Caffe model zoo readme"}},
+             "license": "unrestricted use (BVLC model zoo)"}),
+        "vgg16_caffe.json": spec(
+            "vgg16", "caffe", "VGG_ILSVRC_16_layers as released in Caffe by the Oxford VGG group; Keras Applications' vgg16 h5 "
+            "holds the same network and preprocessing (convert it with --spec vgg16@caffe).",
+            224, CAFFE_BGR | {"mean": KERAS_CAFFE_MEAN}, caffe_layers(prototxts / "vgg16_deploy.prototxt"),
+            {"paper": vgg, "origin": "https://www.robots.ox.ac.uk/~vgg/research/very_deep/",
+             "reference_files": {"VGG_ILSVRC_16_layers.caffemodel": {},
+                                 "vgg16_weights_tf_dim_ordering_tf_kernels.h5": {"md5": "64373286793e3c8b2b4e3219cbf3544b"}},
+             "license": "CC BY 4.0 (VGG)"}),
+        "vgg16_torchvision.json": spec(
+            "vgg16", "torchvision", "torchvision.models.vgg16 (no batch norm).", 224, IMAGENET_TORCH, vgg16_torchvision(),
+            {"paper": vgg, "origin": TORCHVISION, "reference_files": {"vgg16-397923af.pth": {"sha256_prefix": "397923af"}},
+             "metrics": {"imagenet-1k": {"top1": 71.592, "top5": 90.382, "protocol": "torchvision IMAGENET1K_V1 meta"}},
+             "license": "BSD-3-Clause (torchvision)"}),
+        "resnet50_torchvision.json": spec(
+            "resnet50", "torchvision", "torchvision.models.resnet50: ResNet-50 V1.5 (stride 2 in a block's 3x3 conv).",
+            224, IMAGENET_TORCH, resnet50_torchvision(),
+            {"paper": resnet, "origin": TORCHVISION,
+             "reference_files": {"resnet50-0676ba61.pth": {"sha256_prefix": "0676ba61"},
+                                 "resnet50-11ad3fa6.pth": {"sha256_prefix": "11ad3fa6"}},
+             "metrics": {"imagenet-1k": {"top1": 76.13, "top5": 92.862, "protocol": "torchvision IMAGENET1K_V1 meta "
+                                         "(IMAGENET1K_V2, resnet50-11ad3fa6.pth: 80.858 / 95.434 evaluated at resize 232)"}},
+             "license": "BSD-3-Clause (torchvision)"}),
+        "resnet50_keras.json": spec(
+            "resnet50", "keras", "keras.applications.ResNet50: ResNet-50 V1 (stride 2 in a block's first 1x1), convs with "
+            "bias; 'caffe' preprocessing.", 224, CAFFE_BGR | {"mean": KERAS_CAFFE_MEAN}, resnet50_keras(),
+            {"paper": resnet, "origin": "https://github.com/keras-team/keras (keras.applications.resnet)",
+             "reference_files": {"resnet50_weights_tf_dim_ordering_tf_kernels.h5": {"md5": "2cb95161c43110f7111970584f804107"}},
+             "metrics": {"imagenet-1k": {"top1": 74.9, "top5": 92.1, "protocol": "Keras Applications table"}},
+             "license": "MIT (Keras Applications weights)"}),
+        "resnet50_caffe.json": spec(
+            "resnet50", "caffe", "He et al.'s ResNet-50 deploy net (Caffe): BatchNorm + Scale, bias-free convs, ceil pooling.",
+            224, CAFFE_BGR | {"mean": [103.062623801, 115.902882574, 123.151630838]}, caffe_layers(prototxts / "resnet50_deploy.prototxt"),
+            {"paper": resnet, "origin": "https://github.com/KaimingHe/deep-residual-networks",
+             "reference_files": {"ResNet-50-model.caffemodel": {}},
+             "metrics": {"imagenet-1k": {"top1": 75.3, "top5": 92.2, "protocol": "deep-residual-networks README (10-crop error 24.7 / 7.8)"}},
+             "license": "MIT (deep-residual-networks)"}),
+    }
+    out["resnet50_torchvision.json"]["default"] = True
+    out["vgg16_torchvision.json"]["default"] = True
+    out["googlenet_bvlc.json"]["default"] = True
+    out["caffenet_bvlc.json"]["default"] = True
+    return out
+
+
+def dumps(spec: dict) -> str:
+    """One layer per line: diffs of a spec read like diffs of a network."""
+    head = json.dumps({k: v for k, v in spec.items() if k != "layers"}, indent=2)
+    layers = ",\n".join(f"    {json.dumps(layer)}" for layer in spec["layers"])
+    return head[:-2] + f',\n  "layers": [\n{layers}\n  ]\n}}\n'
+
+
+if __name__ == "__main__":
+    import sys
+
+    folder = Path(sys.argv[1] if len(sys.argv) > 1 else "tests/data/caffe/published")
+    for name, spec in specs(folder).items():
+        (HERE / name).write_text(dumps(spec))
+        print(f"wrote {HERE / name}")
