@@ -39,13 +39,13 @@ JOBS = {
         "s.run(['logits'], {'image': check_batch(src.spec)})\n"
         "seconds = time.perf_counter() - t\n" + PEAK),
     "import tensorflow, keras and zoo's model builder alone (the runtime the Keras check needs; no model)": (
-        "import json, time\nt = time.perf_counter()\nimport tensorflow, keras, zoo.keras_model  # noqa\n"
+        "import json, time\nt = time.perf_counter()\nimport tensorflow, keras, zoo.backends.keras  # noqa\n"
         "seconds = time.perf_counter() - t\n" + PEAK),
     "zoo export --format savedmodel (with its check)": (
         "import json, sys, time\nfrom zoo.export import export\nt = time.perf_counter()\n"
         "export(sys.argv[1], formats=['savedmodel'], out=sys.argv[2])\nseconds = time.perf_counter() - t\n" + PEAK),
     "tf2onnx.convert.from_keras (opset 17) of the same Keras model": (
-        "import json, sys, time\nimport tensorflow as tf, tf2onnx\nfrom zoo.keras_model import create_model\n"
+        "import json, sys, time\nimport tensorflow as tf, tf2onnx\nfrom zoo.backends.keras import create_model\n"
         "m = create_model(None, weights=sys.argv[1])\nt = time.perf_counter()\n"
         "spec = (tf.TensorSpec((None, 227, 227, 3), tf.float32, name='image'),)\n"
         "tf2onnx.convert.from_keras(m, input_signature=spec, opset=17, output_path=sys.argv[2] + '/t.onnx')\n"
@@ -57,8 +57,8 @@ def inference(weights: Path, out: Path) -> list[tuple]:
     import onnxruntime as ort
     import tensorflow as tf
 
+    from zoo.backends.keras import create_model
     from zoo.export import check_batch, export
-    from zoo.keras_model import create_model
     from zoo.weights import load_weights
 
     export(weights, out=out)

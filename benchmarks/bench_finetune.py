@@ -58,8 +58,8 @@ def plain_fit_rate(weights: str, data: str) -> float:
     """A plain `keras Model.fit` of fc7+fc8 on preprocessed in-memory arrays: images/s of the second epoch."""
     import keras
 
+    from zoo.backends.keras import create_model
     from zoo.data import eval_dataset, from_folder
-    from zoo.keras_model import create_model
     from zoo.registry import get_spec
 
     train, _ = from_folder(data)

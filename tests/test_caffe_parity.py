@@ -49,13 +49,13 @@ def test_intermediate_activations_match_caffe(bvlc_model, reference):
 def test_the_classic_mistakes_would_be_caught(bvlc_model, reference):
     """TF's alpha without Caffe's division by size moves the logits far beyond the tolerance."""
     import zoo
-    from zoo.keras_model import model_tensors
+    from zoo.backends.keras import model_tensors
 
     spec = zoo.get_spec("alexnet").to_dict()
     for layer in spec["layers"]:
         if layer["kind"] == "lrn":
             layer["alpha"] *= 5
-    from zoo.keras_model import build_model
+    from zoo.backends.keras import build_model
     from zoo.spec import ModelSpec
 
     wrong = ModelSpec.from_dict(spec)

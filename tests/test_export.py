@@ -76,7 +76,7 @@ def test_streamed_onnx_file_is_the_model_onnx_helper_would_build(narrow_run, tmp
     for got, want in zip(streamed.graph.initializer, whole.graph.initializer, strict=True):
         assert got.name == want.name and list(got.dims) == list(want.dims)
         np.testing.assert_array_equal(numpy_helper.to_array(got), numpy_helper.to_array(want))
-    conv1 = dict(zip((n for n, _ in inits), (a for _, a in inits)))["conv1.weight"]
+    conv1 = dict(zip((n for n, _ in inits), (a for _, a in inits)))["conv1.kernel"]
     np.testing.assert_array_equal(conv1, src.weights.tensors["conv1.kernel"].transpose(3, 2, 0, 1))  # OIHW
     onnx.checker.check_model(str(tmp_path / "streamed.onnx"), full_check=True)
 

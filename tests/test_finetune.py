@@ -180,8 +180,8 @@ def test_gradient_histograms_are_the_trained_layers_gradients(tmp_path, narrow_s
     import keras
     import tensorflow as tf
 
+    from zoo.backends.keras import create_model
     from zoo.data import eval_dataset, from_folder
-    from zoo.keras_model import create_model
 
     result = run(tmp_path, "hist", example_data, epochs=1, train=["fc7", "fc8"], augment=True)
     assert not result.cached_features

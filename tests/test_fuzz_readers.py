@@ -7,7 +7,7 @@ import pytest
 from conftest import mutations, small_layers
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from zoo.converters.caffe_npy import npy_layers, read_npy_object
+from zoo.converters.caffe_npy import npy_params, read_npy_object
 
 from zoo import ZooError, safe_pickle
 
@@ -24,7 +24,7 @@ def test_mutated_npy_files_fail_cleanly(tmp_path, protocol):
     for data in mutations(valid, 300, seed=protocol):
         path.write_bytes(data)
         try:
-            npy_layers(read_npy_object(path), path)
+            npy_params(read_npy_object(path), path)
             outcomes["ok"] += 1
         except ZooError:
             outcomes["error"] += 1

@@ -100,3 +100,18 @@ def test_list_and_info_json(cli):
     assert code == 0 and "group" in out and "fc8" in out and "57.1" in out
     code, _, err = cli("info", "nope")
     assert code == 1 and err.startswith("zoo: error: unknown model")
+
+
+def test_weights_written_before_specs_were_graphs_still_fit():
+    from zoo.spec import fingerprint_v1
+
+    assert fingerprint_v1(get_spec("alexnet@bvlc")) == "03c3fb5195d68b99"  # what zoo 0.1 wrote into every file
+    assert fingerprint_v1(get_spec("resnet50@torchvision")) is None  # not expressible before
+
+
+def test_the_fingerprint_covers_the_wiring():
+    data = get_spec("googlenet@bvlc").to_dict()
+    concat = next(layer for layer in data["layers"] if layer["name"] == "inception_3a_output")
+    a, b, c, d = concat["inputs"]  # the 5x5 branch and the pool projection both have 32 channels
+    concat["inputs"] = [a, b, d, c]  # same shapes and tensors, other wiring
+    assert ModelSpec.from_dict(data).fingerprint != get_spec("googlenet@bvlc").fingerprint

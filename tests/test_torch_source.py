@@ -130,7 +130,7 @@ def test_broken_and_wrong_files_get_one_line(tmp_path, tiny_torch, cli):
     torch.save(shapes, tmp_path / "shapes.pth")
     expected = {
         "truncated.pth": "", "empty.pth": "", "x.npy": "not a torch.save zip", "legacy.pth": "pre-1.6",
-        "resnet.pth": "match no registered model spec", "shapes.pth": "fc2.kernel: (3, 65) != (3, 64)",
+        "resnet.pth": "match no registered model spec", "shapes.pth": "fc2.weight: (3, 65) != (3, 64)",
     }
     before = set(os.listdir(tmp_path))
     for name, message in expected.items():

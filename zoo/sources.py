@@ -57,6 +57,7 @@ class Fit:
     mapping: dict[str, str]  # file layer -> spec layer
     how: str  # "names", "order" or "map"
     dropped: dict[str, list[str]] = field(default_factory=dict)  # foreign param -> layers it was dropped from
+    notes: list[str] = field(default_factory=list)
 
 
 def _assignments(layers: list[str], spec: ModelSpec, mapping: dict | None):
@@ -160,20 +161,39 @@ def fit_params(layers: Params, convention: str, requested: ModelSpec | None = No
                 fits.append(fit)
                 break
             misses.append((len(problems), spec.id, problems))
-    by_name = [f for f in fits if f.how != "order"]
-    if len(fits) == 1 or len(by_name) == 1:
-        return fits[0] if len(fits) == 1 else by_name[0]
     if fits:
-        raise ZooError(f"the weights fit several specs ({', '.join(f.spec.id for f in fits)}); choose one with --spec", path)
+        return _one_fit(fits, path)
     _, spec_id, problems = min(misses)
     more = f" (+{len(problems) - 8} more)" if len(problems) > 8 else ""
     raise ZooError(f"the weights match no registered model spec; nearest is {spec_id}: " + "; ".join(problems[:8]) + more, path)
 
 
+def _named_in(fit: Fit, filename: str) -> bool:
+    """Whether the file's name says which spec: its family, or one of its published files' names."""
+    stem = filename.lower()
+    published = [Path(f).stem.lower() for f in fit.spec.provenance.get("reference_files", {})]
+    return fit.spec.family in stem or any(p and p in stem for p in published)
+
+
+def _one_fit(fits: list[Fit], path) -> Fit:
+    """The fit to take when several specs hold tensors of these names and shapes: by names over by order,
+    else the one the file's name names (AlexNet and CaffeNet have the same tensors); else ask."""
+    if len(fits) == 1:
+        return fits[0]
+    for narrowed in ([f for f in fits if f.how != "order"], [f for f in fits if path and _named_in(f, Path(path).name)]):
+        if len(narrowed) == 1:
+            others = ", ".join(f.spec.id for f in fits if f is not narrowed[0])
+            narrowed[0].notes.append(f"the tensors also fit {others}; chose {narrowed[0].spec.id} "
+                                     f"({'by layer names' if narrowed[0].how != 'order' else 'from the file name'}); --spec chooses another")
+            return narrowed[0]
+        fits = narrowed or fits
+    raise ZooError(f"the weights fit several specs ({', '.join(f.spec.id for f in fits)}); choose one with --spec", path)
+
+
 def mapping_notes(fit: Fit) -> list[str]:
     """What to tell the user: a mapping that was not by matching names, parameters read and dropped."""
-    notes = [f"dropped {param} of {len(layers)} layer(s) (not needed for inference or fine-tuning)"
-             for param, layers in fit.dropped.items()]
+    notes = fit.notes + [f"dropped {param} of {len(layers)} layer(s) (not needed for inference or fine-tuning)"
+                         for param, layers in fit.dropped.items()]
     if fit.how in ("names", ""):
         return notes
     pairs = ", ".join(f"{f} -> {t}" for f, t in fit.mapping.items())

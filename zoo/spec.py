@@ -158,6 +158,25 @@ class ModelSpec:
         return hashlib.sha256(blob).hexdigest()[:16]
 
 
+# zoo 0.1's fingerprint covered a chain of these kinds with these config keys, read from the raw layer dicts
+_V1_KEYS = {"conv": ("filters", "kernel", "stride", "pad", "groups", "activation"), "lrn": ("size", "alpha", "beta", "k"),
+            "maxpool": ("size", "stride", "rounding"), "avgpool": ("size", "stride", "rounding"), "adaptive_avgpool": ("output",),
+            "flatten": (), "dense": ("units", "activation"), "dropout": ("rate",)}
+
+
+def fingerprint_v1(spec: ModelSpec) -> str | None:
+    """The fingerprint zoo 0.1 gave a chain spec, so that weights files written before specs were graphs
+    still load; None for specs it could not express."""
+    if any(layer["kind"] not in _V1_KEYS or "inputs" in layer for layer in spec.layers):
+        return None
+    canon = {
+        "input": list(spec.input_shape),
+        "layers": [[la["name"], la["kind"], {k: la.get(k) for k in _V1_KEYS[la["kind"]]}] for la in spec.layers],
+        "tensors": [[t.name, list(t.shape), t.layout, t.dtype] for t in spec.tensors.values()],
+    }
+    return hashlib.sha256(json.dumps(canon, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:16]
+
+
 def _computing(node: Node) -> tuple[str, ...]:
     kind = KINDS[node.kind]
     return kind.computes if kind.computes is not None else tuple(kind.schema)

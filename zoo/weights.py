@@ -241,7 +241,9 @@ def spec_of(path, metadata: dict[str, str]) -> ModelSpec:
     except (KeyError, ValueError):
         raise ZooError("metadata num_classes is missing or not a number", path) from None
     spec = get_spec(metadata["spec"]).with_num_classes(num_classes)
-    if metadata.get("fingerprint") != spec.fingerprint:
+    from zoo.spec import fingerprint_v1
+
+    if metadata.get("fingerprint") not in (spec.fingerprint, fingerprint_v1(spec)):
         raise ZooError(
             f"made for a different {spec.id} (fingerprint {metadata.get('fingerprint')}, the registered spec has "
             f"{spec.fingerprint}): the spec changed without a new version, or the file is from another zoo",

@@ -57,7 +57,7 @@ def onnx_graph(spec: ModelSpec, tensors: dict[str, np.ndarray], classes: list[st
     g.node("Softmax", ["logits"], "probabilities", axis=1)
     h, w = spec.input["size"]
     graph = helper.make_graph(
-        g.nodes, spec.id, [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["batch", h, w, 3])],
+        g.nodes, spec.id, [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["batch", h, w, spec.input_shape[2]])],
         [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", spec.num_classes]),
          helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["batch", spec.num_classes])])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], producer_name="zoo")

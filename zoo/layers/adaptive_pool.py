@@ -26,14 +26,14 @@ class AdaptiveAvgPool(Kind):
     def keras(self, node):
         from keras import layers
 
-        f = node.input_shapes[0][0] // node.config["output"]
-        return layers.AveragePooling2D(f, name=node.name) if f > 1 else layers.Identity(name=node.name)
+        f = tuple(n // node.config["output"] for n in node.input_shapes[0][:2])
+        return layers.AveragePooling2D(f, name=node.name) if f != (1, 1) else layers.Identity(name=node.name)
 
     def onnx(self, node, g, x):
-        f = node.input_shapes[0][0] // node.config["output"]
-        if f == 1:
+        f = [n // node.config["output"] for n in node.input_shapes[0][:2]]
+        if f == [1, 1]:
             return g.node("Identity", x, name=node.name)
-        return g.node("AveragePool", x, name=node.name, kernel_shape=[f, f], strides=[f, f])
+        return g.node("AveragePool", x, name=node.name, kernel_shape=f, strides=f)
 
 
 KIND = AdaptiveAvgPool()

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from functools import cache
 
+import numpy as np
+
 from zoo.layers.base import REQUIRED, Kind, spatial
 from zoo.layers.window import geometry
 
@@ -36,11 +38,31 @@ class Pool(Kind):
         return _keras_class()(self.mode, window, stride, pads, extra, count_pad, name=node.name)
 
     def onnx(self, node, g, x):
-        window, stride, pads, _, extra = geometry(node.config, "size", node.input_shapes[0][:2])
-        attrs = {"kernel_shape": list(window), "strides": list(stride), "pads": list(pads), "ceil_mode": int(any(extra))}
+        """Ceil rounding as explicit end padding (no ceil_mode: ONNX's shape inference before opset 19 misses
+        torch's drop rule); average pooling over zero padding, then rescaled by the cells that count."""
+        window, stride, (t, left, b, r), out, (eh, ew) = geometry(node.config, "size", node.input_shapes[0][:2])
+        attrs = {"kernel_shape": list(window), "strides": list(stride), "pads": [t, left, b + eh, r + ew]}
         if self.mode == "max":
             return g.node("MaxPool", x, name=node.name, **attrs)
-        return g.node("AveragePool", x, name=node.name, count_include_pad=int(node.config["pad"] != "same"), **attrs)
+        pooled = g.node("AveragePool", x, name=None if any(attrs["pads"]) else node.name, count_include_pad=1, **attrs)
+        if not any(attrs["pads"]):
+            return pooled
+        counted = _counted_cells(node.input_shapes[0][:2], window, stride, (t, left, b, r), out, node.config["pad"] != "same")
+        scale = (window[0] * window[1] / counted).astype(np.float32).reshape(1, 1, *out)
+        return g.node("Mul", [pooled, g.constant(f"{node.name}.count_scale", scale)], name=node.name)
+
+
+def _counted_cells(size, window, stride, pads, out, count_pad: bool) -> np.ndarray:
+    """How many cells of each output window count in an average: inside the input, plus the explicit
+    padding when `count_pad` (never the cells ceil rounding adds)."""
+    (h, w), (t, left, b, r) = size, pads
+    mask = np.zeros((h + t + b + window[0] + stride[0], w + left + r + window[1] + stride[1]), np.float32)
+    if count_pad:
+        mask[:h + t + b, :w + left + r] = 1
+    else:
+        mask[t:t + h, left:left + w] = 1
+    return np.array([[mask[i * stride[0]:i * stride[0] + window[0], j * stride[1]:j * stride[1] + window[1]].sum()
+                      for j in range(out[1])] for i in range(out[0])])
 
 
 class MaxPool(Pool):
