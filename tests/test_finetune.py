@@ -199,3 +199,64 @@ def test_gradient_histograms_are_the_trained_layers_gradients(tmp_path, narrow_s
         buckets = logged[f"{name}/kernel/gradient"]  # rows of (left edge, right edge, count)
         assert buckets[:, 2].sum() > 0
         np.testing.assert_allclose([buckets[0, 0], buckets[-1, 1]], [grad.numpy().min(), grad.numpy().max()], rtol=1e-3, atol=1e-7)
+
+
+def _narrow_resnet(tmp_path):
+    """resnet50@torchvision's graph at width 8 on 32x32 images, registered, with seeded weights whose batch-norm
+    statistics are far from 0/1 (so that a batch-statistics pass or an update would show)."""
+    from zoo.plugins import get_plugins
+    from zoo.registry import get_spec
+    from zoo.specs.builders import resnet50_torchvision
+    from zoo.weights import save_weights
+
+    layers = resnet50_torchvision(width=8)
+    layers[-1]["units"] = 10
+    data = get_spec("resnet50@torchvision").to_dict() | {
+        "family": "resnet-narrow", "version": "test", "layers": layers, "head": "fc", "num_classes": 10, "categories": None}
+    data["input"] = dict(data["input"], size=[32, 32], resize=36)
+
+    class Plugin:
+        from zoo.hookspecs import hookimpl
+
+        @hookimpl
+        def zoo_model_specs(self):
+            return [data]
+
+    get_plugins().register(Plugin(), name="resnet-narrow")
+    spec = get_spec("resnet-narrow@test")
+    rng = np.random.default_rng(0)
+    tensors = {}
+    for name, t in spec.tensors.items():
+        if t.param == "moving_variance":
+            tensors[name] = rng.uniform(0.5, 2.0, t.shape).astype(np.float32)
+        elif t.param == "gamma":
+            tensors[name] = rng.uniform(0.5, 1.5, t.shape).astype(np.float32)
+        else:
+            scale = np.sqrt(2.0 / np.prod(t.shape[:-1])) if t.param == "kernel" else 0.2
+            tensors[name] = (rng.normal(0, 1, t.shape) * scale).astype(np.float32)
+    return spec, save_weights(tmp_path / "resnet-narrow.safetensors", spec, tensors)
+
+
+@pytest.mark.parametrize("cache", ["on", "off"])
+def test_resnet_graph_fine_tunes_its_last_stage_with_frozen_batch_norm_in_inference_mode(tmp_path, example_data, cache):
+    spec, weights = _narrow_resnet(tmp_path)
+    result = run(tmp_path, "resnet", example_data, model="resnet-narrow", weights=str(weights), epochs=2, train=["layer4*", "fc"],
+                 augment=cache == "off", cache_features=cache)
+    assert result.cached_features == (cache == "on")
+    assert result.trained_layers[0] == "layer4.0.conv1" and result.trained_layers[-1] == "fc"
+    before, after = load_weights(weights).tensors, load_weights(result.weights).tensors
+    for name, t in spec.with_num_classes(2).tensors.items():
+        if t.layer.startswith("layer4"):  # trained: batch-norm statistics updated by training-mode passes too
+            assert not np.array_equal(before[name], after[name]), name
+        elif not t.layer.startswith("fc"):  # frozen, batch norm included: moving statistics untouched
+            assert np.array_equal(before[name], after[name]), name
+    best = load_weights(result.run_dir / "checkpoints" / "best.safetensors").tensors
+    assert set(best) == set(after) and not np.array_equal(best["layer4.2.bn3.moving_mean"], before["layer4.2.bn3.moving_mean"])
+
+
+def test_cache_needs_one_tensor_between_frozen_and_trained(tmp_path, example_data):
+    _, weights = _narrow_resnet(tmp_path)
+    with pytest.raises(ZooError, match="one tensor"):  # layer4.0.conv2 reads conv1's path, add reads the shortcut too
+        run(tmp_path, "split", example_data, model="resnet-narrow", weights=str(weights), epochs=1,
+            train=["layer4.0.conv2", "layer4.0.bn2", "layer4.0.conv3", "layer4.0.bn3", "layer4.1*", "layer4.2*", "fc"],
+            cache_features="on", augment=False)

@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from zoo.errors import ZooError
+from zoo.graph import INPUT, cut
 
 OPTIMIZERS = ("sgd", "adam")
 SCHEDULES = ("constant", "cosine", "step")
@@ -161,7 +162,7 @@ def _atomic_write_text(path: Path, text: str):
     os.replace(tmp, path)
 
 
-def _callbacks(run: Path, model, full_model, spec, classes, cfg, probe):
+def _callbacks(run: Path, model, full_model, spec, classes, cfg, probe, trained):
     import keras
     import tensorflow as tf
 
@@ -179,7 +180,7 @@ def _callbacks(run: Path, model, full_model, spec, classes, cfg, probe):
             _write_slot(ckpt, state, "last", checkpoint_arrays(model))
             acc = float((logs or {}).get("val_accuracy", -1))
             if acc > state.get("best_val_accuracy", -1):
-                _write_slot(ckpt, state, "best", trained_tensors(model))
+                _write_slot(ckpt, state, "best", trained_tensors(model, spec, trained))
                 state["best_val_accuracy"], state["best_epoch"] = acc, epoch + 1
             state["epoch"] = epoch + 1
             _atomic_write_text(ckpt / "state.json", json.dumps(state))
@@ -303,9 +304,13 @@ def restore_checkpoint(model, path: Path):
                 v.assign(saved[f"{prefix}_{i}"])
 
 
-def trained_tensors(model) -> dict:
-    """The trainable weights under their canonical names (layer/param -> layer.param)."""
-    return {v.path.replace("/", "."): v.numpy() for v in model.trainable_variables}
+def trained_tensors(model, spec, trained: list[str]) -> dict:
+    """The trained layers' weights under their canonical names, batch-norm statistics included."""
+    out = {}
+    for name in trained:
+        variables = {v.name: v for v in model.get_layer(name).variables}
+        out |= {t.name: variables[t.param].numpy() for t in spec.node(name).tensors}
+    return out
 
 
 def _features(base, samples, spec, batch_size: int, chunk_images: int = 512):
@@ -329,21 +334,18 @@ def _features(base, samples, spec, batch_size: int, chunk_images: int = 512):
     return np.concatenate(out)
 
 
-def _split_at(model, first_trained: str):
-    """(frozen base, trainable top) sharing the layers of `model`, split before `first_trained` and the
-    dropout layers right before it (cached training would otherwise silently train without them)."""
+def _split_at(model, spec, first_trained: str):
+    """(frozen base, trainable top) sharing the layers of `model`, split where zoo.graph.cut says."""
     import keras
 
-    names = [layer.name for layer in model.layers]
-    cut = names.index(first_trained)
-    while isinstance(model.layers[cut - 1], keras.layers.Dropout):
-        cut -= 1
-    base = keras.Model(model.input, model.layers[cut - 1].output, name="frozen_base")
-    inputs = keras.Input(shape=model.layers[cut - 1].output.shape[1:], name="features")
-    x = inputs
-    for layer in model.layers[cut:]:
-        x = layer(x)
-    return base, keras.Model(inputs, x, name="trained_top")
+    from zoo.backends.keras import call_layers
+
+    at, start = cut(spec.nodes, first_trained)
+    base = keras.Model(model.input, model.get_layer(at).output, name="frozen_base")
+    inputs = keras.Input(shape=spec.node(at).output_shape, name="features")
+    rest = spec.nodes[start:]
+    tensors = call_layers(rest, {n.name: model.get_layer(n.name) for n in rest}, {at: inputs})
+    return base, keras.Model(inputs, tensors[rest[-1].name], name="trained_top")
 
 
 # --- the engine -------------------------------------------------------------------------------------
@@ -383,13 +385,16 @@ def finetune(config: FinetuneConfig | None = None, **overrides) -> FinetuneResul
     if spec.head not in trained and head != base_spec.num_classes:
         raise ZooError(f"the new head {spec.head} must be trained (it is freshly initialised)")
     first = spec.layer_names.index(trained[0])
-    frozen_prefix = all(i.name in trained for i in spec.weighted_nodes if spec.layer_names.index(i.name) >= first)
+    split = cut(spec.nodes, trained[0])
+    frozen_prefix = split is not None and split[0] != INPUT and \
+        all(n.name in trained for n in spec.weighted_nodes if spec.layer_names.index(n.name) >= first)
     if cfg.cache_features == "on" and not frozen_prefix:
-        raise ZooError("--cache-features on needs every layer after the first trained one to be trained")
+        raise ZooError("--cache-features on needs every weighted layer after the first trained one to be trained, and the "
+                       "frozen layers to meet the trained ones in one tensor")
     if cfg.cache_features == "on" and cfg.augment:
         say("feature caching with augmentation on: crops and flips are NOT applied (features are computed once, center crop)")
-    cache = cfg.cache_features == "on" or (cfg.cache_features == "auto" and frozen_prefix and first > 0 and not cfg.augment)
-    if cfg.cache_features == "auto" and frozen_prefix and first > 0 and cfg.augment:
+    cache = cfg.cache_features == "on" or (cfg.cache_features == "auto" and frozen_prefix and not cfg.augment)
+    if cfg.cache_features == "auto" and frozen_prefix and cfg.augment:
         say("feature caching is off because augmentation is on (random crops and flips change the frozen layers' output); "
             "--no-augment turns it on")
     if weights is None:
@@ -423,7 +428,7 @@ def finetune(config: FinetuneConfig | None = None, **overrides) -> FinetuneResul
         full = create_model(None if weights else base_spec, weights=weights, num_classes=head)
         for layer in full.layers:
             layer.trainable = layer.name in trained or not layer.weights
-        base, model = _split_at(full, trained[0]) if cache else (None, full)
+        base, model = _split_at(full, spec, trained[0]) if cache else (None, full)
         steps_per_epoch = -(-len(train) // cfg.batch_size)
         model.compile(optimizer=_optimizer(cfg, steps_per_epoch),
                       loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True), metrics=["accuracy"])
@@ -456,12 +461,12 @@ def finetune(config: FinetuneConfig | None = None, **overrides) -> FinetuneResul
         else:
             x, y = next(iter(eval_dataset(train, spec, cfg.batch_size)))
             probe = (model, x, y)
-            if frozen_prefix and first > 0:  # the frozen layers' output for it, once (7 s an epoch for AlexNet's fc7+fc8)
-                probe_base, probe_model = _split_at(full, trained[0])
+            if frozen_prefix:  # the frozen layers' output for it, once (7 s an epoch for AlexNet's fc7+fc8)
+                probe_base, probe_model = _split_at(full, spec, trained[0])
                 probe = (probe_model, probe_base(x, training=False), y)
     hist = model.fit(train_ds, validation_data=val_ds, epochs=cfg.epochs, initial_epoch=first_epoch,
                      steps_per_epoch=steps_per_epoch, verbose=0, shuffle=False,  # the datasets order themselves
-                     callbacks=_callbacks(run, model, full, spec, train.classes, cfg, probe))
+                     callbacks=_callbacks(run, model, full, spec, train.classes, cfg, probe, trained))
     history = [{k: float(v[i]) for k, v in hist.history.items()} for i in range(len(hist.epoch))]
 
     # --- results: verified weights with the new head, class names

@@ -79,9 +79,10 @@ def consumers(nodes) -> dict[str, list[str]]:
     return out
 
 
-def cut(nodes, first: str) -> str | None:
-    """The one layer whose output is everything the layers from `first` on read of the layers before
-    it, or None when they read several (no single tensor to cache). Dropout right before `first` stays
+def cut(nodes, first: str) -> tuple[str, int] | None:
+    """Where the graph splits into a frozen prefix and the layers from `first` on: (the one layer whose
+    output is all that the rest reads of the prefix, the index of the rest's first layer), or None when
+    the rest reads several prefix layers (no single tensor to cache). Dropout right before `first` stays
     on the trained side: cached training must still apply it."""
     names = [n.name for n in nodes]
     start = names.index(first)
@@ -89,4 +90,4 @@ def cut(nodes, first: str) -> str | None:
         start -= 1
     before = set(names[:start]) | {INPUT}
     read = {i for node in nodes[start:] for i in node.inputs if i in before}
-    return read.pop() if len(read) == 1 else None
+    return (read.pop(), start) if len(read) == 1 else None

@@ -36,7 +36,7 @@ def _resize_shorter(image, size: int):
     import tensorflow as tf
 
     shape = tf.cast(tf.shape(image)[:2], tf.float32)
-    new = tf.maximum(tf.cast(tf.round(shape * (size / tf.reduce_min(shape))), tf.int32), size)
+    new = tf.maximum(tf.cast(tf.floor(shape * (size / tf.reduce_min(shape))), tf.int32), size)  # torchvision's int()
 
     def resize():
         return tf.cast(tf.clip_by_value(tf.round(tf.image.resize(image, new, method="bilinear", antialias=True)), 0, 255), tf.uint8)
@@ -55,7 +55,8 @@ def tf_pixels(image, spec: ModelSpec, seed=None):
     image = _resize_shorter(image, spec.input.get("resize", max(h, w)))
     if seed is None:
         shape = tf.shape(image)
-        top, left = (shape[0] - h) // 2, (shape[1] - w) // 2
+        # torchvision's center crop: int(round(margin / 2)), halves to even
+        top, left = (tf.cast(tf.round(tf.cast(shape[i] - n, tf.float32) / 2), tf.int32) for i, n in ((0, h), (1, w)))
         image = image[top:top + h, left:left + w, :]
     else:
         image = tf.image.stateless_random_crop(image, (h, w, 3), seed=seed)
@@ -88,8 +89,8 @@ def np_eval_image(path, input_cfg: dict) -> np.ndarray:
     with Image.open(path) as im:
         im = im.convert("RGB")
         scale = size / min(im.size)
-        im = im.resize((max(size, round(im.size[0] * scale)), max(size, round(im.size[1] * scale))), Image.BILINEAR)
-        left, top = (im.size[0] - w) // 2, (im.size[1] - h) // 2
+        im = im.resize((max(size, int(im.size[0] * scale)), max(size, int(im.size[1] * scale))), Image.BILINEAR)
+        left, top = round((im.size[0] - w) / 2), round((im.size[1] - h) / 2)
         return np_normalize(np.asarray(im.crop((left, top, left + w, top + h)), np.float32), input_cfg)
 
 

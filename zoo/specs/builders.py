@@ -25,10 +25,15 @@ def _input(size: int, preprocessing: dict, **extra) -> dict:
     return {"size": [size, size], "channels": 3} | preprocessing | extra
 
 
+def _torch_conv_bn(conv: str, bn: str, filters: int, kernel: int, stride: int = 1, pad: int = 0, src: str | None = None) -> list[dict]:
+    """A bias-free conv and its batch norm (PyTorch's epsilon; its momentum 0.1 is Keras' 0.9)."""
+    layer = {"name": conv, "kind": "conv", "filters": filters, "kernel": kernel, "stride": stride, "pad": pad, "bias": False}
+    return [layer | ({"inputs": [src]} if src else {}), {"name": bn, "kind": "batchnorm", "epsilon": 1e-5, "momentum": 0.9}]
+
+
 def resnet50_torchvision(width: int = 64) -> list[dict]:
     """torchvision's ResNet-50 (V1.5: stride in the 3x3 conv), under its module names."""
-    layers = [{"name": "conv1", "kind": "conv", "filters": width, "kernel": 7, "stride": 2, "pad": 3, "bias": False},
-              {"name": "bn1", "kind": "batchnorm", "epsilon": 1e-5, "momentum": 0.9},
+    layers = _torch_conv_bn("conv1", "bn1", width, 7, 2, 3) + [
               {"name": "relu", "kind": "relu"},
               {"name": "maxpool", "kind": "maxpool", "size": 3, "stride": 2, "pad": 1}]
     x = "maxpool"
@@ -37,17 +42,12 @@ def resnet50_torchvision(width: int = 64) -> list[dict]:
         for b in range(blocks):
             p, stride = f"layer{stage + 1}.{b}", 2 if stage and not b else 1
 
-            def conv_bn(i, filters, kernel, s=1, pad=0, src=None):
-                conv = {"name": f"{p}.conv{i}", "kind": "conv", "filters": filters, "kernel": kernel, "stride": s, "pad": pad, "bias": False}
-                return [conv | ({"inputs": [src]} if src else {}), {"name": f"{p}.bn{i}", "kind": "batchnorm", "epsilon": 1e-5, "momentum": 0.9}]
-
-            layers += conv_bn(1, planes, 1, src=x) + [{"name": f"{p}.relu1", "kind": "relu"}]
-            layers += conv_bn(2, planes, 3, stride, 1) + [{"name": f"{p}.relu2", "kind": "relu"}] + conv_bn(3, planes * 4, 1)
+            layers += _torch_conv_bn(f"{p}.conv1", f"{p}.bn1", planes, 1, src=x) + [{"name": f"{p}.relu1", "kind": "relu"}]
+            layers += _torch_conv_bn(f"{p}.conv2", f"{p}.bn2", planes, 3, stride, 1) + [{"name": f"{p}.relu2", "kind": "relu"}]
+            layers += _torch_conv_bn(f"{p}.conv3", f"{p}.bn3", planes * 4, 1)
             shortcut = x
             if b == 0:
-                layers += [{"name": f"{p}.downsample.0", "kind": "conv", "filters": planes * 4, "kernel": 1, "stride": stride,
-                            "bias": False, "inputs": [x]},
-                           {"name": f"{p}.downsample.1", "kind": "batchnorm", "epsilon": 1e-5, "momentum": 0.9}]
+                layers += _torch_conv_bn(f"{p}.downsample.0", f"{p}.downsample.1", planes * 4, 1, stride, src=x)
                 shortcut = f"{p}.downsample.1"
             layers += [{"name": f"{p}.add", "kind": "add", "inputs": [f"{p}.bn3", shortcut]}, {"name": f"{p}.relu3", "kind": "relu"}]
             x = f"{p}.relu3"
@@ -84,7 +84,7 @@ def resnet50_keras(width: int = 64) -> list[dict]:
 def vgg16_torchvision() -> list[dict]:
     """torchvision's vgg16 under its module names (features.N, classifier.N)."""
     layers, i = [], 0
-    for stage, (filters, convs) in enumerate(zip((64, 128, 256, 512, 512), (2, 2, 3, 3, 3))):
+    for filters, convs in zip((64, 128, 256, 512, 512), (2, 2, 3, 3, 3)):
         for _ in range(convs):
             layers += [{"name": f"features.{i}", "kind": "conv", "filters": filters, "kernel": 3, "pad": 1},
                        {"name": f"features.{i + 1}", "kind": "relu"}]
