@@ -138,8 +138,9 @@ def logits_in(runtime, weights, x, folder):
 
 
 def narrow_spec(name):
-    import zoo
     from zoo_caffemodel.to_spec import spec_layers
+
+    import zoo
 
     layers, size = spec_layers((CAFFE / f"{name}_narrow.prototxt").read_text())
     return {"family": f"{name}-narrow", "version": "test", "input": dict(zoo.get_spec(CAFFE_NETS[name]).input, size=size),

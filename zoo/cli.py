@@ -65,7 +65,7 @@ def spec_info(spec) -> dict:
         "num_classes": spec.num_classes,
         "head": spec.head,
         "input": spec.input,
-        "layers": [{"name": i.name, "kind": i.kind, "config": i.config, "output_shape": list(i.output_shape),
+        "layers": [{"name": i.name, "kind": i.kind, "inputs": list(i.inputs), "config": i.config, "output_shape": list(i.output_shape),
                     "params": i.num_params,
                     "tensors": [{"name": t.name, "shape": list(t.shape), "layout": t.layout, "dtype": t.dtype} for t in i.tensors]}
                    for i in spec.nodes],
@@ -86,10 +86,13 @@ def cmd_info(args):
     print(f"  input        {_input_summary(spec)}; resize {spec.input.get('resize')} then center crop")
     print(f"  parameters   {spec.num_params:,}    classes {spec.num_classes} (head: {spec.head})    fingerprint {spec.fingerprint}")
     print()
-    print(f"  {'layer':<9} {'kind':<17} {'output':<14} {'params':>11}  config")
-    for i in spec.nodes:
-        cfg = " ".join(f"{k}={v}" for k, v in i.config.items())
-        print(f"  {i.name:<9} {i.kind:<17} {'x'.join(map(str, i.output_shape)):<14} {i.num_params:>11,}  {cfg}")
+    width = max(len(n.name) for n in spec.nodes)
+    print(f"  {'layer':<{width}} {'kind':<16} {'output':<14} {'params':>11}  config")
+    previous = "input"
+    for n in spec.nodes:
+        cfg = " ".join(f"{k}={v}" for k, v in n.config.items()) + ("" if n.inputs == (previous,) else f"  <- {', '.join(n.inputs)}")
+        print(f"  {n.name:<{width}} {n.kind:<16} {'x'.join(map(str, n.output_shape)):<14} {n.num_params:>11,}  {cfg}")
+        previous = n.name
     prov = spec.provenance
     print()
     for key in ("paper", "origin", "license"):
