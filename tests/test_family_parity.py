@@ -32,7 +32,6 @@ PHOTOS = DATA / "photos"
 # narrow net -> the built-in spec whose input settings it shares
 CAFFE_NETS = {"alexnet": "alexnet@bvlc", "caffenet": "caffenet@bvlc", "vgg16": "vgg16@caffe",
               "resnet50": "resnet50@caffe", "googlenet": "googlenet@bvlc"}
-WITH_BATCHNORM = {"resnet50"}  # caffe-tensorflow's npy of BatchNorm nets is another layout; not tested here
 TORCH_NETS = ("resnet50", "vgg16", "alexnet")
 RUNTIMES = ("keras", "onnx")
 SLOW = {"vgg16"}
@@ -176,24 +175,36 @@ def _narrow_specs():
 
 
 def caffe_tensorflow_npy(name, path):
-    """The .caffemodel's blobs as caffe-tensorflow writes them: {layer: {"weights", "biases"}}, '/' -> '_' in names,
-    HWIO convs, (in, out) fc, and the rows of an fc on a spatial map in H,W,C order (Caffe's shapes, not zoo's)."""
+    """The .caffemodel's blobs as caffe-tensorflow writes them (kaffe/transformers.py): '/' -> '_' in names,
+    {"weights", "biases"} with HWIO convs, (in, out) fc and the rows of an fc on a spatial map in H,W,C order
+    (Caffe's shapes, not zoo's); a BatchNorm as {"mean", "variance"} divided by its scale factor, with the
+    Scale layer after it folded in as "scale" and "offset"."""
     from zoo_caffemodel.caffemodel import read_layers
     from zoo_caffemodel.prototxt import parse
 
     entries = {e["name"][0]: e for e in parse((CAFFE / f"{name}_narrow.prototxt").read_text())["layer"]}
     shapes = json.loads((CAFFE / f"{name}_narrow_shapes.json").read_text())  # every blob's shape, as Caffe computed it
     _, layers, _ = read_layers(memoryview((CAFFE / f"{name}_narrow.caffemodel").read_bytes()))
-    out = {}
+    out, batchnorm_of = {}, {}  # the BatchNorm whose output blob a Scale layer reads
     for layer in layers:
         if not layer.blobs:
             continue
-        kind = entries[layer.name]["type"][0]
-        w, b = (np.array(blob, np.float32) for blob in layer.blobs)
+        kind, entry = entries[layer.name]["type"][0], entries[layer.name]
+        blobs = [np.array(blob, np.float32) for blob in layer.blobs]
+        if kind == "BatchNorm":
+            mean, variance, factor = blobs
+            f = 0.0 if factor[0] == 0 else 1.0 / factor[0]
+            out[layer.name] = {"mean": mean * f, "variance": variance * f}
+            batchnorm_of[entry["top"][0]] = layer.name
+            continue
+        if kind == "Scale":
+            out[batchnorm_of[entry["bottom"][0]]] |= {"scale": blobs[0], "offset": blobs[1]}
+            continue
+        w = blobs[0]
         if kind == "Convolution":
             w = w.transpose(2, 3, 1, 0)
         elif kind == "InnerProduct":
-            bottom = shapes[entries[layer.name]["bottom"][0]]
+            bottom = shapes[entry["bottom"][0]]
             if len(bottom) == 4:  # implicit flatten of an N,C,H,W map: rows C,H,W -> H,W,C
                 _, c, h, wd = bottom
                 w = w.reshape(-1, c, h, wd).transpose(2, 3, 1, 0).reshape(h * wd * c, -1)
@@ -201,7 +212,7 @@ def caffe_tensorflow_npy(name, path):
                 w = w.T
         else:
             raise AssertionError(f"{name}: unexpected weighted layer {layer.name} ({kind})")
-        out[layer.name.replace("/", "_")] = {"weights": np.ascontiguousarray(w), "biases": b}
+        out[layer.name.replace("/", "_")] = {"weights": np.ascontiguousarray(w)} | ({"biases": blobs[1]} if len(blobs) > 1 else {})
     np.save(path, out)
     return path
 
@@ -231,7 +242,7 @@ def caffe_converted(tmp_path_factory):
 
 
 CAFFE_CASES = [pytest.param(name, path, runtime, id=f"{name}-{path}-{runtime}", marks=_marks(name))
-               for name in CAFFE_NETS for path in ("caffemodel", "npy") if not (path == "npy" and name in WITH_BATCHNORM)
+               for name in CAFFE_NETS for path in ("caffemodel", "npy")
                for runtime in RUNTIMES]
 
 

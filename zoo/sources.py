@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from zoo.errors import ZooError
+from zoo.graph import consumers
 from zoo.layers import KINDS
 from zoo.layers.base import CONVENTIONS, ROW_MAJOR
 from zoo.mapped import map_file, release_pages  # noqa: F401 (the plugin API: docs/plugins.md)
@@ -103,6 +104,20 @@ def _check_layer(node, kind, convention: str, arrays: dict, problems: list, drop
     return taken
 
 
+def _unfold_scales(spec: ModelSpec, mapped: Params) -> Params:
+    """caffe-tensorflow folds each Scale layer into the BatchNorm before it (as the BatchNorm's `scale` and
+    `offset`, the Scale layer gone): give them back to the spec's scale layer."""
+    readers = consumers(spec.nodes)
+    out = dict(mapped)
+    for node in spec.nodes:
+        arrays, after = out.get(node.name) or {}, readers.get(node.name, [])
+        if node.kind == "batchnorm" and "scale" in arrays and len(after) == 1 and spec.node(after[0]).kind == "scale" \
+                and after[0] not in out:
+            out[node.name] = {k: v for k, v in arrays.items() if k not in ("scale", "offset")}
+            out[after[0]] = {k: v for k, v in arrays.items() if k in ("scale", "offset")}
+    return out
+
+
 def _try(spec: ModelSpec, layers: Params, assignment: dict[str, str], convention: str, release=None):
     """Map the layers under `assignment`: (Fit or None, problems). Shapes are checked in the file's
     layout first, so only a fitting spec pays for the transforms."""
@@ -113,6 +128,8 @@ def _try(spec: ModelSpec, layers: Params, assignment: dict[str, str], convention
             mapped[target] = arrays
         else:
             problems.append(f"{fname}: no layer {target!r} in the spec")
+    if convention == "caffe-tensorflow":
+        mapped = _unfold_scales(spec, mapped)
     spec = _rehead(spec, mapped.get(spec.head), convention)
     weighted = {n.name: n for n in spec.weighted_nodes}
     checked = {}
