@@ -23,15 +23,13 @@ from collections import OrderedDict
 import numpy as np
 import pytest
 from conftest import DATA
+from narrow import CAFFE_NETS, register_narrow_specs
 from seeded import seeded_state
 
 CAFFE = DATA / "caffe"
 TORCHVISION = DATA / "torchvision"
 PHOTOS = DATA / "photos"
 
-# narrow net -> the built-in spec whose input settings it shares
-CAFFE_NETS = {"alexnet": "alexnet@bvlc", "caffenet": "caffenet@bvlc", "vgg16": "vgg16@caffe",
-              "resnet50": "resnet50@caffe", "googlenet": "googlenet@bvlc"}
 TORCH_NETS = ("resnet50", "vgg16", "alexnet")
 RUNTIMES = ("keras", "onnx")
 SLOW = {"vgg16"}
@@ -134,38 +132,6 @@ def logits_in(runtime, weights, x, folder):
 
 
 # --- A) BVLC Caffe, narrow variants -------------------------------------------------------------------
-
-
-def narrow_spec(name):
-    from zoo_caffemodel.to_spec import spec_layers
-
-    import zoo
-
-    layers, size = spec_layers((CAFFE / f"{name}_narrow.prototxt").read_text())
-    return {"family": f"{name}-narrow", "version": "test", "input": dict(zoo.get_spec(CAFFE_NETS[name]).input, size=size),
-            "layers": layers, "head": layers[-1]["name"], "num_classes": 1000}
-
-
-class NarrowCaffeSpecs:
-    """The five narrow Caffe nets as specs, through the public hook (as conftest's tiny@test)."""
-
-    from zoo.hookspecs import hookimpl
-
-    specs = None  # built once, before the first registration (get_spec inside the hook would recurse)
-
-    @hookimpl
-    def zoo_model_specs(self):
-        return NarrowCaffeSpecs.specs
-
-
-def register_narrow_specs():
-    from zoo.plugins import get_plugins
-
-    if NarrowCaffeSpecs.specs is None:
-        NarrowCaffeSpecs.specs = [narrow_spec(name) for name in CAFFE_NETS]
-    plugins = get_plugins()
-    if not plugins.manager.has_plugin("narrow-caffe-specs"):
-        plugins.register(NarrowCaffeSpecs(), name="narrow-caffe-specs")
 
 
 @pytest.fixture(autouse=True)
