@@ -236,3 +236,14 @@ def test_all_pickle_protocols_numpy_writes(tmp_path, tiny_spec, protocol):
                                      + pickle.dumps(arr, protocol=protocol))
     w = load_weights(convert(tmp_path / "p.npy").output)
     np.testing.assert_array_equal(w.tensors["fc2.kernel"], layers["fc2"][0])
+
+
+def test_alexnet_and_caffenet_have_the_same_tensors_so_the_name_or_spec_decides(tmp_path, seeded_npy, cli):
+    code, out, err = cli("convert", seeded_npy, "-o", tmp_path / "a.safetensors")  # bvlc_alexnet.npy
+    assert code == 0 and "also fit caffenet@bvlc; chose alexnet@bvlc (from the file name)" in out, out + err
+    anonymous = tmp_path / "weights.npy"
+    anonymous.symlink_to(seeded_npy)
+    code, out, err = cli("convert", anonymous, "-o", tmp_path / "b.safetensors")
+    assert code == 1 and "fit several specs (alexnet@bvlc, caffenet@bvlc); choose one with --spec" in err
+    code, out, err = cli("convert", anonymous, "-o", tmp_path / "c.safetensors", "--spec", "caffenet@bvlc")
+    assert code == 0 and "caffenet@bvlc" in out

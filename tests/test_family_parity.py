@@ -141,16 +141,22 @@ def _narrow_specs():
 
 
 def caffe_tensorflow_npy(name, path):
+    """The narrow net's .caffemodel as caffe-tensorflow's .npy (np.save of caffe_tensorflow_blobs)."""
+    shapes = json.loads((CAFFE / f"{name}_narrow_shapes.json").read_text())  # every blob's shape, as Caffe computed it
+    np.save(path, caffe_tensorflow_blobs(CAFFE / f"{name}_narrow.caffemodel", CAFFE / f"{name}_narrow.prototxt", shapes))
+    return path
+
+
+def caffe_tensorflow_blobs(caffemodel, prototxt, shapes: dict) -> dict:
     """The .caffemodel's blobs as caffe-tensorflow writes them (kaffe/transformers.py): '/' -> '_' in names,
     {"weights", "biases"} with HWIO convs, (in, out) fc and the rows of an fc on a spatial map in H,W,C order
-    (Caffe's shapes, not zoo's); a BatchNorm as {"mean", "variance"} divided by its scale factor, with the
-    Scale layer after it folded in as "scale" and "offset"."""
+    (Caffe's `shapes` of each blob, not zoo's); a BatchNorm as {"mean", "variance"} divided by its scale
+    factor, with the Scale layer after it folded in as "scale" and "offset"."""
     from zoo_caffemodel.caffemodel import read_layers
     from zoo_caffemodel.prototxt import parse
 
-    entries = {e["name"][0]: e for e in parse((CAFFE / f"{name}_narrow.prototxt").read_text())["layer"]}
-    shapes = json.loads((CAFFE / f"{name}_narrow_shapes.json").read_text())  # every blob's shape, as Caffe computed it
-    _, layers, _ = read_layers(memoryview((CAFFE / f"{name}_narrow.caffemodel").read_bytes()))
+    entries = {e["name"][0]: e for e in parse(prototxt.read_text())["layer"]}
+    _, layers, _ = read_layers(memoryview(caffemodel.read_bytes()))
     out, batchnorm_of = {}, {}  # the BatchNorm whose output blob a Scale layer reads
     for layer in layers:
         if not layer.blobs:
@@ -179,8 +185,7 @@ def caffe_tensorflow_npy(name, path):
         else:
             raise AssertionError(f"{name}: unexpected weighted layer {layer.name} ({kind})")
         out[layer.name.replace("/", "_")] = {"weights": np.ascontiguousarray(w)} | ({"biases": blobs[1]} if len(blobs) > 1 else {})
-    np.save(path, out)
-    return path
+    return out
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,7 @@ import json
 
 import pytest
 from conftest import DATA
-from narrow import CAFFE, register_narrow_specs
+from narrow import CAFFE, NarrowCaffeSpecs, register_narrow_specs
 
 # narrow net -> the layers to train (the head and the layer or block before it)
 TRAIN = {"caffenet": ["fc7", "fc8"], "googlenet": ["inception_5b*", "loss3_classifier"],
@@ -37,3 +37,32 @@ def test_convert_finetune_export_predict(name, tmp_path, example_data, cli):
     assert code == 0, err
     predictions = json.loads(out)
     assert [len(p["top"]) for p in predictions] == [2, 2] and {c for p in predictions for c, _ in p["top"]} <= {"circle", "square"}
+
+
+def test_published_googlenet_files_carry_auxiliary_classifiers_that_are_dropped(tmp_path, cli):
+    """bvlc_googlenet.caffemodel holds the training-only loss1/ and loss2/ heads beside the deploy net."""
+    import numpy as np
+    from caffe_proto import PB
+
+    net = PB["NetParameter"]()
+    for name in ("loss1/conv", "loss2/classifier"):
+        layer = net.layer.add(name=name, type="InnerProduct")
+        blob = layer.blobs.add()
+        blob.shape.dim.extend([3, 2])
+        blob.data.extend(np.ones(6).tolist())
+    path = tmp_path / "bvlc_googlenet.caffemodel"  # protobuf appends repeated fields: the same net plus two layers
+    path.write_bytes((CAFFE / "googlenet_narrow.caffemodel").read_bytes() + net.SerializeToString())
+    code, out, err = cli("convert", "caffemodel", path, "-o", tmp_path / "w.safetensors", "--spec", "googlenet-narrow@test")
+    assert code == 1 and "loss1_conv" in err  # the narrow test spec declares no extra layers
+    narrow = next(s for s in NarrowCaffeSpecs.specs if s["family"] == "googlenet-narrow")
+    narrow["extra_layers"] = ["loss1_*", "loss2_*"]  # as googlenet@bvlc does
+    try:
+        from zoo.plugins import reset_plugins
+
+        reset_plugins()
+        register_narrow_specs()
+        code, out, err = cli("convert", "caffemodel", path, "-o", tmp_path / "w.safetensors", "--spec", "googlenet-narrow@test")
+    finally:
+        del narrow["extra_layers"]
+    assert code == 0, err
+    assert "dropped layers that googlenet-narrow@test does not have (training only): loss1_conv, loss2_classifier" in out

@@ -115,3 +115,12 @@ def test_the_fingerprint_covers_the_wiring():
     a, b, c, d = concat["inputs"]  # the 5x5 branch and the pool projection both have 32 channels
     concat["inputs"] = [a, b, d, c]  # same shapes and tensors, other wiring
     assert ModelSpec.from_dict(data).fingerprint != get_spec("googlenet@bvlc").fingerprint
+
+
+def test_generated_spec_files_are_what_the_builders_write():
+    from conftest import DATA
+
+    from zoo.specs.builders import HERE, dumps, specs
+
+    for name, spec in specs(DATA / "caffe" / "published").items():
+        assert (HERE / name).read_text() == dumps(spec), f"{name} differs from its builder: run python -m zoo.specs.builders"

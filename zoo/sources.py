@@ -10,6 +10,7 @@ a source never writes files.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from fnmatch import fnmatch
 from pathlib import Path
 
 import numpy as np
@@ -170,11 +171,14 @@ def fit_params(layers: Params, convention: str, requested: ModelSpec | None = No
     layers = {name: arrays for name, arrays in layers.items() if arrays}
     fits, misses = [], []
     for spec in candidates:
+        extra = sorted(n for n in layers if n not in spec.layer_names and any(fnmatch(n, p) for p in spec.extra_layers))
+        kept = {n: a for n, a in layers.items() if n not in extra}
         # when neither names nor counts line up, report the problems by name
-        for how, assignment in list(_assignments(list(layers), spec, mapping)) or [("names", {})]:
-            fit, problems = _try(spec, layers, assignment, convention, release)
+        for how, assignment in list(_assignments(list(kept), spec, mapping)) or [("names", {})]:
+            fit, problems = _try(spec, kept, assignment, convention, release)
             if fit:
                 fit.how = how
+                fit.notes += [f"dropped layers that {spec.id} does not have (training only): {', '.join(extra)}"] if extra else []
                 fits.append(fit)
                 break
             misses.append((len(problems), spec.id, problems))
@@ -197,11 +201,11 @@ def _one_fit(fits: list[Fit], path) -> Fit:
     else the one the file's name names (AlexNet and CaffeNet have the same tensors); else ask."""
     if len(fits) == 1:
         return fits[0]
-    for narrowed in ([f for f in fits if f.how != "order"], [f for f in fits if path and _named_in(f, Path(path).name)]):
+    for why, keep in (("by layer names", lambda f: f.how != "order"), ("from the file name", lambda f: path and _named_in(f, Path(path).name))):
+        narrowed = [f for f in fits if keep(f)]
         if len(narrowed) == 1:
             others = ", ".join(f.spec.id for f in fits if f is not narrowed[0])
-            narrowed[0].notes.append(f"the tensors also fit {others}; chose {narrowed[0].spec.id} "
-                                     f"({'by layer names' if narrowed[0].how != 'order' else 'from the file name'}); --spec chooses another")
+            narrowed[0].notes.append(f"the tensors also fit {others}; chose {narrowed[0].spec.id} ({why}); --spec chooses another")
             return narrowed[0]
         fits = narrowed or fits
     raise ZooError(f"the weights fit several specs ({', '.join(f.spec.id for f in fits)}); choose one with --spec", path)

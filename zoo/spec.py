@@ -33,6 +33,9 @@ class ModelSpec:
     description: str = ""
     categories: str | None = None
     provenance: dict = field(default_factory=dict)
+    # layer-name globs of what published files carry beyond the network (training-only heads such as
+    # GoogLeNet's auxiliary classifiers): dropped on import, with a note
+    extra_layers: tuple[str, ...] = ()
     origin: str = "builtin"  # which plugin contributed it
 
     @property
@@ -53,6 +56,7 @@ class ModelSpec:
                 description=data.get("description", ""),
                 categories=data.get("categories"),
                 provenance=dict(data.get("provenance", {})),
+                extra_layers=tuple(data.get("extra_layers", ())),
                 origin=origin,
             )
         except (KeyError, TypeError, ValueError) as e:
@@ -80,7 +84,7 @@ class ModelSpec:
             "num_classes": self.num_classes,
             "categories": self.categories,
             "provenance": copy.deepcopy(self.provenance),
-        }
+        } | ({"extra_layers": list(self.extra_layers)} if self.extra_layers else {})
 
     def _validate(self) -> None:
         nodes = self.nodes  # every layer checked

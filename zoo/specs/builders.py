@@ -173,6 +173,7 @@ def specs(prototxts: Path) -> dict[str, dict]:
              "metrics": {"imagenet-1k": {"top1": 75.3, "top5": 92.2, "protocol": "deep-residual-networks README (10-crop error 24.7 / 7.8)"}},
              "license": "MIT (deep-residual-networks)"}),
     }
+    out["googlenet_bvlc.json"]["extra_layers"] = ["loss1_*", "loss2_*"]  # the auxiliary classifiers of the published file
     out["resnet50_torchvision.json"]["default"] = True
     out["vgg16_torchvision.json"]["default"] = True
     out["googlenet_bvlc.json"]["default"] = True

@@ -17,6 +17,7 @@ from zoo.sources import Imported, WeightSource, fit_params, map_file, mapping_no
 from zoo.weights import file_digest
 from zoo_caffemodel.caffemodel import read_layers
 from zoo_caffemodel.prototxt import layer_settings
+from zoo_caffemodel.to_spec import layer_name
 from zoo_caffemodel.wire import WireError
 
 __version__ = version("zoo-caffemodel")
@@ -46,7 +47,7 @@ def prototxt_notes(spec, prototxt, layers) -> list[str]:
         elif node.kind == "conv" and settings[node.name]["group"] != node.config["groups"]:
             notes.append(f"WARNING: prototxt says {node.name} has group {settings[node.name]['group']}, "
                          f"{spec.id} has {node.config['groups']}")
-    unknown = sorted({layer.name for layer in layers if layer.blobs} - set(settings))
+    unknown = sorted({layer_name(layer.name) for layer in layers if layer.blobs} - set(settings))
     if unknown:
         notes.append(f"WARNING: layers with weights that the prototxt does not define: {', '.join(unknown)}")
     return notes or [f"prototxt {prototxt}: layer names and groups agree with {spec.id}"]
@@ -67,7 +68,8 @@ class CaffeModel(WeightSource):
             net, layers, kind = read_layers(memoryview(data))
         except WireError as e:
             raise ZooError(f"not a valid .caffemodel: {e}", path) from None
-        weighted = {layer.name: {str(i): blob for i, blob in enumerate(layer.blobs)} for layer in layers if layer.blobs}
+        # "/" in Caffe's names is "_" in specs (zoo_caffemodel.to_spec.layer_name)
+        weighted = {layer_name(layer.name): {str(i): blob for i, blob in enumerate(layer.blobs)} for layer in layers if layer.blobs}
         if not weighted:
             raise ZooError(f"net {net!r} holds no blobs (a deploy net without weights?)", path)
         fit = fit_params(weighted, "caffe", spec, path, mapping=options.get("map"), release=lambda w: release_pages(data, w))

@@ -47,11 +47,11 @@ def parse(text: str, path=None) -> dict:
 
 
 def layer_settings(text: str, path=None) -> dict[str, dict]:
-    """{layer name: {"type": ..., "group": int}} for `layer` and V1 `layers` entries."""
+    """{layer name as specs write it ("/" as "_"): {"type": ..., "group": int}} for `layer` and V1 `layers` entries."""
     net = parse(text, path)
     out = {}
     for entry in net.get("layer", []) + net.get("layers", []):
         name = entry.get("name", [""])[0]
         conv = (entry.get("convolution_param") or [{}])[0]
-        out[name] = {"type": entry.get("type", [""])[0], "group": int(conv.get("group", ["1"])[0])}
+        out[name.replace("/", "_")] = {"type": entry.get("type", [""])[0], "group": int(conv.get("group", ["1"])[0])}  # spec names
     return out
