@@ -183,7 +183,7 @@ def caffe_tensorflow_blobs(caffemodel, prototxt, shapes: dict) -> dict:
             else:
                 w = w.T
         else:
-            raise AssertionError(f"{name}: unexpected weighted layer {layer.name} ({kind})")
+            raise AssertionError(f"{caffemodel}: unexpected weighted layer {layer.name} ({kind})")
         out[layer.name.replace("/", "_")] = {"weights": np.ascontiguousarray(w)} | ({"biases": blobs[1]} if len(blobs) > 1 else {})
     return out
 
