@@ -1,4 +1,4 @@
-"""Fine-tuning throughput on the full alexnet@bvlc, in one run (issue 4):
+"""Fine-tuning throughput on the full alexnet@bvlc (issue 4) or resnet50@keras (issue 12), in one run:
 
 1. the seed's setting (fc7+fc8 trained, batch 64): the engine (files -> tf.data -> Keras fit with its
    callbacks) vs a plain `keras Model.fit` on the same model and preprocessed in-memory arrays;
@@ -9,6 +9,14 @@
 3. all layers trained: the engine vs PyTorch 2.13 CPU training the same architecture (groups, LRN).
 
     python benchmarks/bench_finetune.py [--images 240] [--cache-images 1000] [--parts 1,2,3] [--repeat 3]
+
+With `--model resnet50` (resnet50@keras: conv5* and the new 2-class head `predictions` trained, batch 32; parts
+1 and 2 only; --repeat also repeats part 1) the baseline is a plain Keras script: keras.applications.ResNet50(
+weights=None, include_top=False, pooling="avg") + Dense(2), every layer before conv5 frozen, SGD with momentum
+0.9, `fit` on a tf.data pipeline of the same image files (decode, resize the shorter side to 256, random crop
+224 and flip, or the center crop without augmentation, keras.applications.resnet50.preprocess_input).
+
+    python benchmarks/bench_finetune.py --model resnet50 [--images 320] [--cache-images 800] [--parts 1,2] [--repeat 3]
 
 Images/s of a training epoch are taken after a warm-up epoch. Seeded random weights (not pretrained).
 Each measurement runs in a fresh interpreter; importing TensorFlow is outside every clock.
@@ -70,7 +78,16 @@ def plain_fit_rate(weights: str, data: str) -> float:
         layer.trainable = layer.name in ("fc7", "fc8")
     model.compile(keras.optimizers.SGD(0.001, momentum=0.9), keras.losses.SparseCategoricalCrossentropy(from_logits=True))
 
-    class TrainTime(keras.callbacks.Callback):  # the same count as the engine's: training steps of an epoch
+    timer = train_timer(len(x))
+    model.fit(x, train.labels, batch_size=64, epochs=2, verbose=0, callbacks=[timer])  # the second epoch is timed
+    return timer.rate
+
+
+def train_timer(n: int):
+    """A callback whose `rate` is the last epoch's images/s over its training steps: the engine's count."""
+    import keras
+
+    class TrainTime(keras.callbacks.Callback):
         def on_epoch_begin(self, epoch, logs=None):
             self.start = time.perf_counter()
 
@@ -78,50 +95,90 @@ def plain_fit_rate(weights: str, data: str) -> float:
             self.end = time.perf_counter()
 
         def on_epoch_end(self, epoch, logs=None):
-            self.rate = len(x) / (self.end - self.start)
+            self.rate = n / (self.end - self.start)
 
-    timer = TrainTime()
-    model.fit(x, train.labels, batch_size=64, epochs=2, verbose=0, callbacks=[timer])  # the second epoch is timed
+    return TrainTime()
+
+
+def plain_resnet_rate(data: str, batch_size: str, augment: str) -> float:
+    """A plain Keras script: keras.applications.ResNet50 without its top + Dense(2), layers before conv5 frozen,
+    fit on a tf.data pipeline of the image files: images/s of the second epoch's training steps."""
+    import keras
+    import tensorflow as tf
+
+    from zoo.data import from_folder
+
+    train, _ = from_folder(data)  # the engine's split of the same files
+    batch_size, augment = int(batch_size), augment == "1"
+    keras.utils.set_random_seed(0)
+    base = keras.applications.ResNet50(weights=None, include_top=False, pooling="avg", input_shape=(224, 224, 3))
+    for layer in base.layers:
+        layer.trainable = layer.name.startswith("conv5")
+    model = keras.Model(base.input, keras.layers.Dense(2, name="predictions")(base.output))
+    model.compile(keras.optimizers.SGD(0.001, momentum=0.9), keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                  metrics=["accuracy"])
+
+    def load(path, label):
+        image = tf.io.decode_image(tf.io.read_file(path), channels=3, expand_animations=False)
+        shape = tf.cast(tf.shape(image)[:2], tf.float32)
+        image = tf.image.resize(image, tf.cast(tf.round(shape * 256 / tf.reduce_min(shape)), tf.int32))
+        if augment:
+            image = tf.image.random_flip_left_right(tf.image.random_crop(image, (224, 224, 3)))
+        else:
+            image = tf.image.resize_with_crop_or_pad(image, 224, 224)
+        return keras.applications.resnet50.preprocess_input(image), label
+
+    ds = tf.data.Dataset.from_tensor_slices((train.paths, train.labels)).shuffle(len(train), seed=0)
+    ds = ds.map(load, num_parallel_calls=tf.data.AUTOTUNE).batch(batch_size).prefetch(tf.data.AUTOTUNE)
+    timer = train_timer(len(train))
+    model.fit(ds, epochs=2, verbose=0, callbacks=[timer])  # the second epoch is timed
     return timer.rate
 
 
-COMMON = dict(model="alexnet", batch_size=64, train=["fc7", "fc8"], seed=0)
+SETTINGS = {  # zoo finetune's options per --model (batch size: --batch-size)
+    "alexnet": dict(model="alexnet", train=["fc7", "fc8"], seed=0),
+    "resnet50": dict(model="resnet50@keras", train=["conv5*", "predictions"], head=2, seed=0),
+}
+BATCH = {"alexnet": 64, "resnet50": 32}
 
 
-def engine_rate(weights: str, data: str, out: str) -> float:
-    """zoo finetune from files (tf.data, callbacks), augmentation on (so no caching): second epoch's images/s."""
+def _engine(weights: str, data: str, out: str, model: str, batch_size: str, **options):
     from zoo.finetune import finetune
 
-    return finetune(weights=weights, data=data, out=out, epochs=2, augment=True, **COMMON).history[-1]["images_per_second"]
+    return finetune(weights=weights or None, data=data, out=out, batch_size=int(batch_size), **SETTINGS[model] | options)
 
 
-def cached_rates(weights: str, data: str, out: str) -> tuple[float, float]:
+def engine_rate(weights: str, data: str, out: str, model: str = "alexnet", batch_size: str = "64") -> float:
+    """zoo finetune from files (tf.data, callbacks), augmentation on (so no caching): second epoch's images/s."""
+    return _engine(weights, data, out, model, batch_size, epochs=2, augment=True).history[-1]["images_per_second"]
+
+
+def cached_rates(weights: str, data: str, out: str, model: str = "alexnet", batch_size: str = "64") -> tuple[float, float, float]:
     """10 epochs with cached features: (training images/s counted as for the baseline: the frozen pass over the
     training images plus every epoch's training steps; images/s of the whole run: model build, frozen pass
-    over training and validation images, epochs with validation and callbacks, verified weights written)."""
+    over training and validation images, epochs with validation and callbacks, verified weights written;
+    the process's peak RSS in GB)."""
     import keras  # noqa: F401  (the interpreter's start-up, as for the baseline)
     import tensorflow  # noqa: F401
 
     from zoo.data import from_folder
-    from zoo.finetune import finetune
 
     n = len(from_folder(data)[0])
     t = time.perf_counter()
-    result = finetune(weights=weights, data=data, out=out, epochs=10, augment=False, **COMMON)
+    result = _engine(weights, data, out, model, batch_size, epochs=10, augment=False)
     whole = time.perf_counter() - t
     assert result.cached_features
     training = result.frozen_pass_seconds + sum(n / h["images_per_second"] for h in result.history)
-    return 10 * n / training, 10 * n / whole
+    peak = next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith("VmHWM"))
+    return 10 * n / training, 10 * n / whole, peak / 1e9
 
 
 def every_layer_rate(weights: str, data: str, out: str) -> float:
-    from zoo.finetune import finetune
-
-    common = COMMON | {"train": None}
-    return finetune(weights=weights, data=data, out=out, epochs=2, augment=True, **common).history[-1]["images_per_second"]
+    return _engine(weights, data, out, "alexnet", "64", epochs=2, augment=True, train=None).history[-1]["images_per_second"]
 
 
-MEASURES = {"plain": plain_fit_rate, "engine": engine_rate, "cached": cached_rates, "every": every_layer_rate}
+MEASURES = {"plain": plain_fit_rate, "plain_resnet": plain_resnet_rate, "engine": engine_rate, "cached": cached_rates,
+            "every": every_layer_rate}
 
 
 def measure(name: str, *args):
@@ -137,44 +194,67 @@ def measure(name: str, *args):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--images", type=int, default=240, help="images for the per-epoch measurements")
-    ap.add_argument("--cache-images", type=int, default=1000, help="images for the 10-epoch feature-caching run")
-    ap.add_argument("--parts", default="1,2,3", help="which measurements: 1 engine vs fit, 2 caching, 3 vs PyTorch")
-    ap.add_argument("--repeat", type=int, default=3, help="runs of the 10-epoch caching measurement (median)")
+    ap.add_argument("--model", choices=sorted(SETTINGS), default="alexnet", help="alexnet@bvlc (issue 4) or resnet50@keras (issue 12)")
+    ap.add_argument("--images", type=int, help="training images of the per-epoch measurements (default: alexnet 240, resnet50 320)")
+    ap.add_argument("--cache-images", type=int, help="images (80%% train) of the 10-epoch feature-caching run (default: alexnet 1000, "
+                    "resnet50 800)")
+    ap.add_argument("--batch-size", type=int, help="default: alexnet 64, resnet50 32")
+    ap.add_argument("--parts", help="which measurements: 1 engine vs fit, 2 caching, 3 vs PyTorch (alexnet only); default: all")
+    ap.add_argument("--repeat", type=int, default=3, help="runs of the 10-epoch caching measurement (median); resnet50: of part 1 too")
     args = ap.parse_args()
-    from caffe_reference import caffe_tensorflow_layout, caffe_weights
-
-    from zoo.conversion import convert
+    resnet = args.model == "resnet50"
+    images = args.images or (320 if resnet else 240)
+    cache_images = args.cache_images or (800 if resnet else 1000)
+    batch = args.batch_size or BATCH[args.model]
+    parts = set((args.parts or ("1,2" if resnet else "1,2,3")).split(","))
+    if resnet and "3" in parts:
+        ap.error("part 3 (PyTorch) is AlexNet's")
     from zoo.data import from_folder
     from zoo.example import make_example
 
-    rows = []
-    parts = set(args.parts.split(","))
+    rows, peaks = [], []
+    layers = "conv5* + head" if resnet else "fc7+fc8"
+    plain_name = "keras.applications.ResNet50 + Dense, fit on tf.data from files" if resnet else "keras Model.fit, in-memory arrays"
+
+    def listed(runs, i):
+        return ", ".join(f"{r[i]:.1f}" for r in runs)
+
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        np.save(tmp / "w.npy", {k: [w, b] for k, (w, b) in caffe_tensorflow_layout(caffe_weights()).items()})
-        weights = convert(tmp / "w.npy").output
-        data = make_example(tmp / "data", per_class=args.images * 5 // 8, size=256)  # 80% of it trains
+        weights = ""  # resnet50: seeded random initialisation
+        if not resnet:
+            from caffe_reference import caffe_tensorflow_layout, caffe_weights
+
+            from zoo.conversion import convert
+
+            np.save(tmp / "w.npy", {k: [w, b] for k, (w, b) in caffe_tensorflow_layout(caffe_weights()).items()})
+            weights = convert(tmp / "w.npy").output
+        data = make_example(tmp / "data", per_class=images * 5 // 8, size=256)  # 80% of it trains
         n = len(from_folder(data)[0])
         if "1" in parts:
-            plain = measure("plain", weights, data)
-            rows.append(("fc7+fc8, batch 64, augmentation on", "zoo finetune (files, tf.data, callbacks)",
-                         measure("engine", weights, data, tmp / "run1"), "keras Model.fit, in-memory arrays", plain))
+            if resnet:
+                runs = [(measure("plain_resnet", data, batch, 1), measure("engine", weights, data, tmp / f"run1-{i}", args.model, batch))
+                        for i in range(args.repeat)]
+                plain, engine = (statistics.median(x) for x in zip(*runs))
+                rows.append((f"{layers}, batch {batch}, augmentation on (medians of {args.repeat} pairs; plain {listed(runs, 0)}; "
+                             f"zoo {listed(runs, 1)})", "zoo finetune (files, tf.data, callbacks)", engine, plain_name, plain))
+            else:
+                plain = measure("plain", weights, data)
+                rows.append((f"{layers}, batch {batch}, augmentation on", "zoo finetune (files, tf.data, callbacks)",
+                             measure("engine", weights, data, tmp / "run1"), plain_name, plain))
         if "2" in parts:
-            big = make_example(tmp / "big", per_class=args.cache_images // 2, size=256)
+            big = make_example(tmp / "big", per_class=cache_images // 2, size=256)
             n_big = len(from_folder(big)[0])
-            runs = [(measure("plain", weights, big), *measure("cached", weights, big, tmp / f"run2-{i}")) for i in range(args.repeat)]
-            base, training, whole = (statistics.median(x) for x in zip(*runs))
-
-            def listed(i):
-                return ", ".join(f"{r[i]:.1f}" for r in runs)
-
-            every = f"medians of {args.repeat} runs, each with the plain fit run just before it; plain fit {listed(0)}"
-            rows.append((f"fc7+fc8, batch 64, {n_big} images, 10 epochs: training steps and the frozen pass over them, "
-                         f"counted as the baseline counts ({every}; zoo {listed(1)})", "zoo finetune --no-augment (cached features)",
-                         training, "keras Model.fit, in-memory arrays, one epoch's training steps", base))
+            plain = (lambda: measure("plain_resnet", big, batch, 0)) if resnet else (lambda: measure("plain", weights, big))
+            runs = [(plain(), *measure("cached", weights, big, tmp / f"run2-{i}", args.model, batch)) for i in range(args.repeat)]
+            base, training, whole, _ = (statistics.median(x) for x in zip(*runs))
+            peaks = [r[3] for r in runs]
+            every = f"medians of {args.repeat} runs, each with the plain fit run just before it; plain fit {listed(runs, 0)}"
+            rows.append((f"{layers}, batch {batch}, {n_big} images, 10 epochs: training steps and the frozen pass over them, "
+                         f"counted as the baseline counts ({every}; zoo {listed(runs, 1)})", "zoo finetune --no-augment (cached features)",
+                         training, f"{plain_name}, one epoch's training steps{', center crop' if resnet else ''}", base))
             rows.append((f"the same runs, whole run: model build, frozen pass over training and validation images, 10 epochs with "
-                         f"validation and every callback, verified weights written (zoo {listed(2)})",
+                         f"validation and every callback, verified weights written (zoo {listed(runs, 2)})",
                          "zoo finetune --no-augment (cached features)", whole, "the same", base))
         if "3" in parts:
             ours = measure("every", weights, data, tmp / "run3")
@@ -182,12 +262,15 @@ def main():
             torch_rate = json.loads(p.stdout.strip().splitlines()[-1])["images_per_second"]
             rows.append(("all layers, batch 64", "zoo finetune", ours, "PyTorch 2.13 CPU, same architecture", torch_rate))
 
-    print(f"\n{n} training images of 227x227 for the per-epoch rows (alexnet@bvlc), 2 CPU cores; each measurement "
+    size, spec = ("224x224", "resnet50@keras, random init") if resnet else ("227x227", "alexnet@bvlc")
+    print(f"\n{n} training images of {size} for the per-epoch rows ({spec}), 2 CPU cores; each measurement "
           "in its own interpreter\n")
     print("| setting | zoo | images/s | baseline | images/s | zoo / baseline |")
     print("|---|---|---|---|---|---|")
     for setting, ours, ours_rate, base, base_rate in rows:
         print(f"| {setting} | {ours} | {ours_rate:.1f} | {base} | {base_rate:.1f} | **{ours_rate / base_rate:.2f}x** |")
+    if peaks:
+        print(f"\npeak RSS of the cached runs (VmHWM): {', '.join(f'{p:.2f} GB' for p in peaks)}")
 
 
 if __name__ == "__main__":

@@ -73,9 +73,10 @@ def compare(name: str, got: np.ndarray, want: np.ndarray, where) -> float:
 # --- ONNX -------------------------------------------------------------------------------------------
 
 
-def export_onnx(src: Source, out: Path, reference, opset: int = DEFAULT_OPSET) -> Path:
-    """Write model.onnx, check it (onnx.checker, then ONNX Runtime against `reference()`, the Keras
-    model's logits on check_batch), and only then rename it into place.
+def export_onnx(src: Source, out: Path, reference, opset: int = DEFAULT_OPSET, external: bool | None = None) -> Path:
+    """Write model.onnx (and model.onnx.data when the weights go beside it: past protobuf's 2 GiB, or
+    `external`), check it (onnx.checker, then ONNX Runtime against `reference()`, the Keras model's logits
+    on check_batch), and only then move it into place.
 
     No TensorFlow is needed until `reference()` is called, after the ONNX Runtime session is gone: the
     two runtimes' memory never adds up."""
@@ -83,20 +84,27 @@ def export_onnx(src: Source, out: Path, reference, opset: int = DEFAULT_OPSET) -
     import onnxruntime as ort
 
     target = out / "model.onnx"
-    tmp = out / ".model.onnx.tmp"
+    tmp = out / ".onnx.tmp"  # a folder: the external data file's name is recorded in the model
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
     try:
         model, inits = onnx_graph(src.spec, src.weights.tensors, src.classes, opset)
-        write_onnx(tmp, model, inits, release=src.weights.release)
-        onnx.checker.check_model(str(tmp), full_check=True)
-        session = ort.InferenceSession(str(tmp), providers=["CPUExecutionProvider"])
+        write_onnx(tmp / target.name, model, inits, release=src.weights.release, external=external)
+        onnx.checker.check_model(str(tmp / target.name), full_check=True)
+        session = ort.InferenceSession(str(tmp / target.name), providers=["CPUExecutionProvider"])
         got = session.run(["logits"], {"image": check_batch(src.spec)})[0]
         del session
         compare("the ONNX model (ONNX Runtime)", got, reference(), target)
-        os.replace(tmp, target)
+        data = tmp / (target.name + ".data")
+        if data.exists():
+            os.replace(data, out / data.name)
+        else:
+            (out / data.name).unlink(missing_ok=True)  # an earlier export's weights would be stale
+        os.replace(tmp / target.name, target)
     except onnx.checker.ValidationError as e:
         raise ZooError(f"onnx.checker rejected the model: {str(e).splitlines()[0]}", target) from None
     finally:
-        tmp.unlink(missing_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
     return target
 
 

@@ -82,24 +82,52 @@ def _field(number: int, length: int) -> bytes:
     return _varint(number << 3 | 2) + _varint(length)
 
 
-def write_onnx(path, model, inits: list[tuple[str, np.ndarray]], release=None) -> None:
+PROTOBUF_LIMIT = 2**31 - 1  # bytes: no protobuf message, hence no ONNX file with its weights inside, may be larger
+
+
+def needs_external_data(model, inits) -> bool:
+    return model.ByteSize() + sum(a.nbytes + 64 + len(n) for n, a in inits) >= PROTOBUF_LIMIT
+
+
+def write_onnx(path, model, inits: list[tuple[str, np.ndarray]], release=None, external: bool | None = None) -> None:
     """Write `model` with `inits` as initializers, streaming each weight from its array to the file.
 
     protobuf merges repeated occurrences of a message field, so the file is the weightless model followed,
     per initializer, by `ModelProto.graph { initializer { dims, data_type, name, raw_data } }`: the same
     model as one with all initializers inside, without ever building it (onnx.helper would hold the
-    weights as protobuf, then serialise a second copy). `release(array)` follows each write."""
+    weights as protobuf, then serialise a second copy). `release(array)` follows each write.
+
+    With `external` (default: when the file would pass protobuf's 2 GiB limit) the weights go to
+    `<name>.data` beside it, each at a 4 KiB-aligned offset, and the initializers only point there
+    (ONNX's external data)."""
+    from contextlib import nullcontext
+    from pathlib import Path
+
     from onnx import TensorProto, helper
 
-    with open(path, "wb") as f:
+    path = Path(path)
+    external = needs_external_data(model, inits) if external is None else external
+    data_file = path.with_name(path.name + ".data")
+    with open(path, "wb") as f, (open(data_file, "wb") if external else nullcontext()) as data_out:
         f.write(model.SerializeToString())
         for name, arr in inits:
             data = np.ascontiguousarray(arr, dtype=arr.dtype.newbyteorder("<"))
-            head = TensorProto(name=name, dims=arr.shape, data_type=helper.np_dtype_to_tensor_dtype(arr.dtype)).SerializeToString()
-            tensor = len(head) + len(_field(9, data.nbytes)) + data.nbytes
-            graph = len(_field(5, tensor)) + tensor
-            f.write(_field(7, graph) + _field(5, tensor) + head + _field(9, data.nbytes))
-            f.write(memoryview(data.reshape(-1)).cast("B"))
+            tensor = TensorProto(name=name, dims=arr.shape, data_type=helper.np_dtype_to_tensor_dtype(arr.dtype))
+            if external:
+                offset = -(-data_out.tell() // 4096) * 4096
+                data_out.seek(offset)
+                data_out.write(memoryview(data.reshape(-1)).cast("B"))
+                tensor.data_location = TensorProto.EXTERNAL
+                for key, value in (("location", data_file.name), ("offset", offset), ("length", data.nbytes)):
+                    tensor.external_data.add(key=key, value=str(value))
+                record = tensor.SerializeToString()
+                f.write(_field(7, len(_field(5, len(record))) + len(record)) + _field(5, len(record)) + record)
+            else:
+                head = tensor.SerializeToString()
+                size = len(head) + len(_field(9, data.nbytes)) + data.nbytes
+                graph = len(_field(5, size)) + size
+                f.write(_field(7, graph) + _field(5, size) + head + _field(9, data.nbytes))
+                f.write(memoryview(data.reshape(-1)).cast("B"))
             del data
             if release:
                 release(arr)
