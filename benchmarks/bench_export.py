@@ -59,7 +59,7 @@ def inference(weights: Path, out: Path) -> list[tuple]:
 
     from zoo.backends.keras import create_model
     from zoo.export import check_batch, export
-    from zoo.weights import load_weights
+    from zoo.registry import load_weights
 
     export(weights, out=out)
     spec = load_weights(weights).spec

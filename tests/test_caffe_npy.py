@@ -10,7 +10,8 @@ from safetensors import safe_open
 
 from zoo import ZooError
 from zoo.conversion import convert
-from zoo.weights import file_digest, load_weights
+from zoo.registry import load_weights
+from zoo.weights import file_digest
 
 
 def test_full_size_dict_of_dicts_converts_to_verified_safetensors(seeded_npy, seeded_safetensors, seeded_layers, cli):

@@ -10,7 +10,7 @@ from caffe_reference import caffe_input, caffe_weights
 from conftest import DATA, fuzz_convert
 
 from zoo.conversion import convert
-from zoo.weights import load_weights
+from zoo.registry import load_weights
 
 GROUPS = {"conv2": 2, "conv4": 2, "conv5": 2}
 

@@ -12,7 +12,7 @@ from conftest import TESTS
 
 from zoo import ZooError
 from zoo.finetune import finetune
-from zoo.weights import load_weights
+from zoo.registry import load_weights
 
 FAST = dict(model="narrow", batch_size=32, lr=0.003, optimizer="adam", seed=0)
 

@@ -9,7 +9,7 @@ from conftest import fuzz_convert
 
 from zoo import ZooError
 from zoo.conversion import convert
-from zoo.weights import load_weights
+from zoo.registry import load_weights
 
 
 def keras_tiny(names=True):

@@ -264,7 +264,7 @@ def test_vgg16_without_spec_is_ambiguous(fmt, vgg16, cli):
 
 @pytest.mark.parametrize("name", model_params())
 def test_both_keras_files_give_the_same_tensors(name, request, cli):
-    from zoo.weights import load_weights
+    from zoo.registry import load_weights
 
     case = request.getfixturevalue(name)
     a, b = (load_weights(case.weights(fmt, cli), mapped=True) for fmt in FORMATS)

@@ -14,7 +14,7 @@ from torch_models import TinyNet, TorchvisionAlexNet  # noqa: E402
 
 from zoo import ZooError  # noqa: E402
 from zoo.conversion import convert  # noqa: E402
-from zoo.weights import load_weights  # noqa: E402
+from zoo.registry import load_weights  # noqa: E402
 
 
 def torch_logits(model, x_nhwc):

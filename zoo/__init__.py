@@ -31,6 +31,6 @@ def convert(path, source=None, output=None, spec=None, options=None):
 
 def load_weights(path):
     """Read and verify a zoo safetensors file; see zoo.weights."""
-    from zoo.weights import load_weights as _load
+    from zoo.registry import load_weights as _load
 
     return _load(path)

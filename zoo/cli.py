@@ -130,7 +130,7 @@ def cmd_convert(args):
 
 
 def cmd_verify(args):
-    from zoo.weights import load_weights
+    from zoo.registry import load_weights
 
     w = load_weights(args.file)
     report = {"file": str(args.file), "ok": True, "spec": w.spec.id, "fingerprint": w.spec.fingerprint,

@@ -16,8 +16,9 @@ import numpy as np
 
 from zoo.backends.onnx import DEFAULT_OPSET, onnx_graph, write_onnx
 from zoo.errors import ZooError
+from zoo.registry import load_weights
 from zoo.spec import ModelSpec
-from zoo.weights import Weights, load_weights
+from zoo.weights import Weights
 
 FORMATS = ("savedmodel", "onnx")
 

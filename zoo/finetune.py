@@ -373,7 +373,7 @@ def finetune(config: FinetuneConfig | None = None, **overrides) -> FinetuneResul
         raise ZooError("--epochs and --batch-size must be positive, --lr above 0")
 
     # --- check everything before the run folder exists
-    from zoo.weights import load_weights, resolve_spec
+    from zoo.registry import load_weights, resolve_spec
 
     weights = load_weights(cfg.weights) if cfg.weights else None
     base_spec = resolve_spec(cfg.model, weights)

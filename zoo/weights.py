@@ -230,30 +230,9 @@ def read_header(path) -> dict[str, str]:
         raise ZooError(f"not a valid safetensors file ({e})", path) from None
 
 
-def spec_of(path, metadata: dict[str, str]) -> ModelSpec:
-    """The spec a weights file was made for, checked against the fingerprint it records."""
-    from zoo.registry import get_spec
-
-    if metadata.get("format") != "zoo-weights" or "spec" not in metadata:
-        raise ZooError("safetensors file without zoo metadata (convert it with `zoo convert`)", path)
-    try:
-        num_classes = int(metadata["num_classes"])
-    except (KeyError, ValueError):
-        raise ZooError("metadata num_classes is missing or not a number", path) from None
-    spec = get_spec(metadata["spec"]).with_num_classes(num_classes)
-    from zoo.spec import fingerprint_v1
-
-    if metadata.get("fingerprint") not in (spec.fingerprint, fingerprint_v1(spec)):
-        raise ZooError(
-            f"made for a different {spec.id} (fingerprint {metadata.get('fingerprint')}, the registered spec has "
-            f"{spec.fingerprint}): the spec changed without a new version, or the file is from another zoo",
-            path,
-        )
-    return spec
-
-
-def load_weights(path, mapped: bool = False) -> Weights:
-    """Read and fully verify a zoo weights file.
+def load_weights(path, spec_for, mapped: bool = False) -> Weights:
+    """Read and fully verify a zoo weights file; `spec_for(metadata)` gives the spec it says it is for
+    (zoo.registry.load_weights asks the registry).
 
     `mapped=True` gives read-only views of the memory-mapped file instead of copies: a reader that uses
     one tensor at a time and calls `Weights.release` never holds the whole model (export does this)."""
@@ -261,7 +240,7 @@ def load_weights(path, mapped: bool = False) -> Weights:
 
     path = Path(path)
     metadata = read_header(path)
-    spec = spec_of(path, metadata)
+    spec = spec_for(metadata)
     mapping = None
     try:
         if mapped:
@@ -289,19 +268,3 @@ def _views(mapping) -> dict[str, np.ndarray]:
         count = (end - start) // dtype.itemsize
         tensors[name] = np.frombuffer(mapping, dtype, count, 8 + header_len + start).reshape(entry["shape"])
     return tensors
-
-
-def resolve_spec(name, weights: Weights | None) -> ModelSpec:
-    """The spec to build: `name`'s, checked against the weights' own when there are weights.
-
-    "alexnet" with weights for alexnet@torchvision is that version; "alexnet@bvlc" with them is an error."""
-    from zoo.registry import get_spec
-
-    if weights is None:
-        return get_spec(name)
-    if name is None:
-        return weights.spec
-    family, _, version = (name.id if isinstance(name, ModelSpec) else name).partition("@")
-    if family != weights.spec.family or (version and version != weights.spec.version):
-        raise ZooError(f"weights are for {weights.spec.id}, not {name}", weights.path)
-    return weights.spec

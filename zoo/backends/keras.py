@@ -13,8 +13,9 @@ import tensorflow as tf
 from zoo.errors import ZooError
 from zoo.graph import INPUT
 from zoo.layers import KINDS
+from zoo.registry import load_weights, resolve_spec
 from zoo.spec import ModelSpec
-from zoo.weights import Weights, load_weights, resolve_spec
+from zoo.weights import Weights
 
 
 class _FromArray(keras.initializers.Initializer):
