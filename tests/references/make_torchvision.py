@@ -70,15 +70,15 @@ def forward_order(model, x):
     return order
 
 
-def output_std(model, module, x):
-    """Std of `module`'s output on x (the forward pass stops there)."""
-    got = {}
+def _stop_at(model, module, x, pre: bool, take):
+    """take(module's input or output) on x; the forward pass stops there."""
+    got = []
 
-    def hook(m, i, o):
-        got["std"] = o.double().std().item()
+    def hook(m, *args):
+        got.append(take(args[0][0] if pre else args[1]))
         raise _Stop
 
-    h = module.register_forward_hook(hook)
+    h = module.register_forward_pre_hook(hook) if pre else module.register_forward_hook(hook)
     try:
         with torch.no_grad():
             model(x)
@@ -86,26 +86,17 @@ def output_std(model, module, x):
         pass
     finally:
         h.remove()
-    return got["std"]
+    return got[0]
+
+
+def output_std(model, module, x):
+    """Std of `module`'s output on x."""
+    return _stop_at(model, module, x, False, lambda o: o.double().std().item())
 
 
 def mean_input(model, module, x):
-    """Batch mean of `module`'s input on x (the forward pass stops there)."""
-    got = {}
-
-    def hook(m, i):
-        got["mean"] = i[0].mean(0)
-        raise _Stop
-
-    h = module.register_forward_pre_hook(hook)
-    try:
-        with torch.no_grad():
-            model(x)
-    except _Stop:
-        pass
-    finally:
-        h.remove()
-    return got["mean"]
+    """Batch mean of `module`'s input on x."""
+    return _stop_at(model, module, x, True, lambda i: i.mean(0))
 
 
 def calibrate(model, x):

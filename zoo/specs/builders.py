@@ -25,60 +25,56 @@ def _input(size: int, preprocessing: dict, **extra) -> dict:
     return {"size": [size, size], "channels": 3} | preprocessing | extra
 
 
-def _torch_conv_bn(conv: str, bn: str, filters: int, kernel: int, stride: int = 1, pad: int = 0, src: str | None = None) -> list[dict]:
-    """A bias-free conv and its batch norm (PyTorch's epsilon; its momentum 0.1 is Keras' 0.9)."""
-    layer = {"name": conv, "kind": "conv", "filters": filters, "kernel": kernel, "stride": stride, "pad": pad, "bias": False}
-    return [layer | ({"inputs": [src]} if src else {}), {"name": bn, "kind": "batchnorm", "epsilon": 1e-5, "momentum": 0.9}]
+# Layer names of a ResNet-50 in each framework: {s}/{b} count stages and blocks from the framework's own start
+TORCHVISION_NAMES = {"stem": ("conv1", "bn1", "relu", "maxpool"), "block": "layer{s1}.{b0}", "conv": "{p}.conv{i}",
+                     "bn": "{p}.bn{i}", "relu": "{p}.relu{i}", "shortcut": ("{p}.downsample.0", "{p}.downsample.1"),
+                     "add": "{p}.add", "out": "{p}.relu3", "head": ("avgpool", "fc")}
+KERAS_NAMES = {"stem": ("conv1_conv", "conv1_bn", "conv1_relu", "pool1_pool"), "block": "conv{s2}_block{b1}", "conv": "{p}_{i}_conv",
+               "bn": "{p}_{i}_bn", "relu": "{p}_{i}_relu", "shortcut": ("{p}_0_conv", "{p}_0_bn"), "add": "{p}_add", "out": "{p}_out",
+               "head": ("avg_pool", "predictions")}
 
 
-def resnet50_torchvision(width: int = 64) -> list[dict]:
-    """torchvision's ResNet-50 (V1.5: stride in the 3x3 conv), under its module names."""
-    layers = _torch_conv_bn("conv1", "bn1", width, 7, 2, 3) + [
-              {"name": "relu", "kind": "relu"},
-              {"name": "maxpool", "kind": "maxpool", "size": 3, "stride": 2, "pad": 1}]
-    x = "maxpool"
-    for stage, blocks in enumerate(RESNET50_BLOCKS):
-        planes = width * 2 ** stage
-        for b in range(blocks):
-            p, stride = f"layer{stage + 1}.{b}", 2 if stage and not b else 1
+def resnet50(names: dict, *, stride_in_3x3: bool, bias: bool, epsilon: float, momentum: float = 0.99, width: int = 64,
+             shortcut_first: bool = False, pad_3x3: int | str = 1) -> list[dict]:
+    """ResNet-50's bottleneck stacks (3, 4, 6, 3) under a framework's `names`. V1 (Keras, Caffe) strides in a
+    block's first 1x1 conv, V1.5 (torchvision) in its 3x3; the order of layers and of the add's inputs is the
+    framework's own (Keras builds the shortcut first)."""
+    def conv_bn(conv, bn, filters, kernel, stride=1, pad=0, src=None):
+        layer = {"name": conv, "kind": "conv", "filters": filters, "kernel": kernel, "stride": stride, "pad": pad, "bias": bias}
+        return [layer | ({"inputs": [src]} if src else {}), {"name": bn, "kind": "batchnorm", "epsilon": epsilon, "momentum": momentum}]
 
-            layers += _torch_conv_bn(f"{p}.conv1", f"{p}.bn1", planes, 1, src=x) + [{"name": f"{p}.relu1", "kind": "relu"}]
-            layers += _torch_conv_bn(f"{p}.conv2", f"{p}.bn2", planes, 3, stride, 1) + [{"name": f"{p}.relu2", "kind": "relu"}]
-            layers += _torch_conv_bn(f"{p}.conv3", f"{p}.bn3", planes * 4, 1)
-            shortcut = x
-            if b == 0:
-                layers += _torch_conv_bn(f"{p}.downsample.0", f"{p}.downsample.1", planes * 4, 1, stride, src=x)
-                shortcut = f"{p}.downsample.1"
-            layers += [{"name": f"{p}.add", "kind": "add", "inputs": [f"{p}.bn3", shortcut]}, {"name": f"{p}.relu3", "kind": "relu"}]
-            x = f"{p}.relu3"
-    return layers + [{"name": "avgpool", "kind": "global_avgpool"}, {"name": "fc", "kind": "dense", "units": 1000}]
-
-
-def resnet50_keras(width: int = 64) -> list[dict]:
-    """keras.applications.ResNet50 (V1: stride in a block's first 1x1; convs with bias; BN epsilon 1.001e-5),
-    under Keras' layer names. Keras' ZeroPadding2D layers are the convs' and pool's own padding here (the
-    pool's input is non-negative, so zero and -inf padding agree)."""
-    def conv_bn(name, filters, kernel, stride=1, pad=0, src=None):
-        conv = {"name": f"{name}_conv", "kind": "conv", "filters": filters, "kernel": kernel, "stride": stride, "pad": pad}
-        return [conv | ({"inputs": [src]} if src else {}), {"name": f"{name}_bn", "kind": "batchnorm", "epsilon": 1.001e-5}]
-
-    layers = conv_bn("conv1", width, 7, 2, 3) + [{"name": "conv1_relu", "kind": "relu"},
-                                                 {"name": "pool1_pool", "kind": "maxpool", "size": 3, "stride": 2, "pad": 1}]
-    x = "pool1_pool"
+    conv1, bn1, relu, pool = names["stem"]
+    layers = conv_bn(conv1, bn1, width, 7, 2, 3) + [{"name": relu, "kind": "relu"},
+                                                    {"name": pool, "kind": "maxpool", "size": 3, "stride": 2, "pad": 1}]
+    x = pool
     for stage, blocks in enumerate(RESNET50_BLOCKS):
         filters = width * 2 ** stage
         for b in range(blocks):
-            p, stride = f"conv{stage + 2}_block{b + 1}", 2 if stage and not b else 1
-            shortcut = x
-            if b == 0:
-                layers += conv_bn(f"{p}_0", filters * 4, 1, stride, src=x)
-                shortcut = f"{p}_0_bn"
-            layers += conv_bn(f"{p}_1", filters, 1, stride, src=x) + [{"name": f"{p}_1_relu", "kind": "relu"}]
-            layers += conv_bn(f"{p}_2", filters, 3, 1, "same") + [{"name": f"{p}_2_relu", "kind": "relu"}]
-            layers += conv_bn(f"{p}_3", filters * 4, 1)
-            layers += [{"name": f"{p}_add", "kind": "add", "inputs": [shortcut, f"{p}_3_bn"]}, {"name": f"{p}_out", "kind": "relu"}]
-            x = f"{p}_out"
-    return layers + [{"name": "avg_pool", "kind": "global_avgpool"}, {"name": "predictions", "kind": "dense", "units": 1000}]
+            p = names["block"].format(s1=stage + 1, s2=stage + 2, b0=b, b1=b + 1)
+            n = {k: tuple(t.format(p=p, i="{i}") for t in v) if isinstance(v, tuple) else v.format(p=p, i="{i}")
+                 for k, v in names.items() if k in ("conv", "bn", "relu", "shortcut", "add", "out")}
+            stride = 2 if stage and not b else 1
+            main = conv_bn(n["conv"].format(i=1), n["bn"].format(i=1), filters, 1, 1 if stride_in_3x3 else stride, src=x)
+            main += [{"name": n["relu"].format(i=1), "kind": "relu"}]
+            main += conv_bn(n["conv"].format(i=2), n["bn"].format(i=2), filters, 3, stride if stride_in_3x3 else 1, pad_3x3)
+            main += [{"name": n["relu"].format(i=2), "kind": "relu"}] + conv_bn(n["conv"].format(i=3), n["bn"].format(i=3), filters * 4, 1)
+            shortcut = conv_bn(*n["shortcut"], filters * 4, 1, stride, src=x) if b == 0 else []
+            layers += shortcut + main if shortcut_first else main + shortcut
+            inputs = [shortcut[-1]["name"] if shortcut else x, main[-1]["name"]]
+            layers += [{"name": n["add"], "kind": "add", "inputs": inputs if shortcut_first else inputs[::-1]}, {"name": n["out"], "kind": "relu"}]
+            x = n["out"]
+    return layers + [{"name": names["head"][0], "kind": "global_avgpool"}, {"name": names["head"][1], "kind": "dense", "units": 1000}]
+
+
+def resnet50_torchvision(width: int = 64) -> list[dict]:
+    """torchvision's ResNet-50 (V1.5), bias-free convs, PyTorch's batch-norm epsilon and momentum (its 0.1 is Keras' 0.9)."""
+    return resnet50(TORCHVISION_NAMES, stride_in_3x3=True, bias=False, epsilon=1e-5, momentum=0.9, width=width)
+
+
+def resnet50_keras(width: int = 64) -> list[dict]:
+    """keras.applications.ResNet50 (V1), convs with bias, BN epsilon 1.001e-5. Keras' ZeroPadding2D layers are
+    the convs' and pool's own padding here (the pool's input is non-negative: zero and -inf padding agree)."""
+    return resnet50(KERAS_NAMES, stride_in_3x3=False, bias=True, epsilon=1.001e-5, width=width, shortcut_first=True, pad_3x3="same")
 
 
 def vgg16_torchvision() -> list[dict]:
