@@ -77,7 +77,7 @@ def test_cached_features_train_to_the_same_weights(tmp_path, narrow_spec, exampl
 def test_resume_continues_where_it_stopped_and_matches(tmp_path, narrow_spec, example_data, monkeypatch):
     import keras
 
-    import zoo.finetune
+    from zoo.finetune import callbacks
 
     kw = dict(train=["conv2", "fc6", "fc7", "fc8"], schedule="cosine", optimizer="sgd", lr=0.01)
     whole = run(tmp_path, "whole", example_data, epochs=3, **kw)
@@ -87,11 +87,11 @@ def test_resume_continues_where_it_stopped_and_matches(tmp_path, narrow_spec, ex
             if epoch == 1:
                 raise KeyboardInterrupt
 
-    real = zoo.finetune._callbacks
-    monkeypatch.setattr(zoo.finetune, "_callbacks", lambda *a: real(*a) + [Crash()])
+    real = callbacks.build_callbacks
+    monkeypatch.setattr(callbacks, "build_callbacks", lambda *a: real(*a) + [Crash()])
     with pytest.raises(KeyboardInterrupt):
         run(tmp_path, "split", example_data, epochs=3, **kw)
-    monkeypatch.setattr(zoo.finetune, "_callbacks", real)
+    monkeypatch.setattr(callbacks, "build_callbacks", real)
     ckpt = tmp_path / "split" / "checkpoints"
     state = json.loads((ckpt / "state.json").read_text())
     assert state["epoch"] == 2

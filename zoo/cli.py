@@ -12,6 +12,7 @@ from pathlib import Path
 
 from zoo import __version__
 from zoo.errors import ZooError
+from zoo.finetune.config import add_arguments as add_finetune_arguments
 
 
 def _print_json(obj):
@@ -168,19 +169,14 @@ def cmd_plugins(args):
 
 
 def cmd_finetune(args):
-    from zoo.finetune import FinetuneConfig, finetune
+    from zoo.finetune import finetune
+    from zoo.finetune.config import given
 
-    split = lambda v: [x.strip() for x in v.split(",") if x.strip()] if v else None  # noqa: E731
-    cfg = FinetuneConfig(model=args.model, head=args.head, weights=args.weights, data=args.data, train_list=args.train_list,
-                         val_list=args.val_list, classes=args.classes, train=split(args.train), freeze=split(args.freeze),
-                         batch_size=args.batch_size, lr=args.lr, optimizer=args.optimizer,
-                         momentum=args.momentum, schedule=args.schedule, augment=args.augment, cache_features=args.cache_features,
-                         strategy=args.strategy, seed=args.seed, out=args.out, resume=args.resume)
-    result = finetune(cfg, **({"epochs": args.epochs} if args.epochs else {}))
+    result = finetune(**given(args))
     if args.export:
         from zoo.export import export
 
-        for path in export(result.run_dir, formats=split(args.export), out=result.run_dir / "exported"):
+        for path in export(result.run_dir, formats=[f.strip() for f in args.export.split(",") if f.strip()], out=result.run_dir / "exported"):
             print(f"exported {path} (checked against the Keras model)")
     if args.json:
         _print_json({"run_dir": str(result.run_dir), "weights": str(result.weights), "classes": result.classes,
@@ -247,27 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_verify)
 
     p = sub.add_parser("finetune", help="fine-tune a model on an image folder or list files")
-    p.add_argument("model", nargs="?", default="alexnet", help="spec to fine-tune (default alexnet = alexnet@bvlc)")
-    p.add_argument("--head", type=int, help="classes of the new head (default: the data's)")
-    p.add_argument("--weights", help="verified weights to start from (zoo convert makes them); default: random init")
-    p.add_argument("--data", help="folder with one sub-folder per class (or train/ and val/ inside); default: built-in example")
-    p.add_argument("--train-list", help="list file: one 'path label' per line (the seed's format)")
-    p.add_argument("--val-list", help="validation list file")
-    p.add_argument("--classes", help="file with the class names, one per line")
-    p.add_argument("--train", help="comma-separated layers or globs to train (the rest is frozen), e.g. fc7,fc8")
-    p.add_argument("--freeze", help="comma-separated layers or globs to freeze (the rest is trained), e.g. 'conv*'")
-    p.add_argument("--epochs", type=int, help="epochs in all (default 10; with --resume: the run's own)")
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--lr", type=float, default=0.001)
-    p.add_argument("--optimizer", default="sgd", help="sgd (momentum, the seed's) or adam")
-    p.add_argument("--momentum", type=float, default=0.9)
-    p.add_argument("--schedule", default="constant", help="learning-rate schedule: constant, cosine, step")
-    p.add_argument("--no-augment", dest="augment", action="store_false", help="center crops only (enables feature caching)")
-    p.add_argument("--cache-features", default="auto", help="auto, on or off: train on the frozen layers' cached output")
-    p.add_argument("--strategy", default="none", help="none, mirrored (several GPUs) or multiworker (TF_CONFIG)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default="runs/finetune", help="run folder")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out where it stopped")
+    add_finetune_arguments(p)  # one per fine-tune option, from zoo.finetune.config
     p.add_argument("--export", help="formats to export at the end: savedmodel,onnx")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_finetune)

@@ -1,0 +1,137 @@
+"""The run: plan it (every check first), build the model with the frozen layers frozen, feed it (cached
+features or images), fit with the callbacks, then write the verified weights with the new head."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+
+from zoo.finetune.config import FinetuneConfig, FinetuneResult, configure
+from zoo.finetune.plan import Plan, make_plan, say
+
+
+def finetune(config: FinetuneConfig | None = None, **overrides) -> FinetuneResult:
+    """Fine-tune as `config` (or FinetuneConfig's defaults) with `overrides` says; see zoo.finetune.config."""
+    plan = make_plan(configure(config, overrides))
+    import keras
+
+    from zoo.finetune.checkpoints import atomic_write_text
+
+    keras.utils.set_random_seed(plan.cfg.seed)
+    (plan.run / "checkpoints").mkdir(parents=True, exist_ok=True)
+    if not plan.cfg.resume:
+        atomic_write_text(plan.run / "config.json", json.dumps(asdict(plan.cfg), indent=2))
+    full, base, model = build(plan)
+    say(f"fine-tuning {plan.spec.id} -> {plan.spec.num_classes} classes ({', '.join(plan.train.classes)}); training "
+        f"{', '.join(plan.trained)}; {len(plan.train)} train / {len(plan.val)} val images; "
+        f"{'cached features' if plan.cache else 'full forward'}; run folder {plan.run}")
+    return fit(plan, full, base, model)
+
+
+def build(plan: Plan):
+    """(the whole model, the frozen base or None, the model that trains: the whole one, or its top on cached
+    features), compiled, restored on resume, under the run's tf.distribute strategy."""
+    import keras
+
+    from zoo.backends.keras import create_model
+    from zoo.finetune.caching import split_at
+    from zoo.finetune.checkpoints import restore_checkpoint
+
+    cfg = plan.cfg
+    with strategy(cfg.strategy).scope():
+        full = create_model(None if plan.weights else plan.base_spec, weights=plan.weights, num_classes=plan.spec.num_classes)
+        for layer in full.layers:  # frozen batch norm runs in inference mode: its statistics stay as loaded
+            layer.trainable = layer.name in plan.trained or not layer.weights
+        base, model = split_at(full, plan.spec, plan.trained[0]) if plan.cache else (None, full)
+        model.compile(optimizer=optimizer(cfg, steps_per_epoch(plan)),
+                      loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True), metrics=["accuracy"])
+        if plan.first_epoch:
+            restore_checkpoint(model, plan.run / "checkpoints" / plan.state["last"])
+            say(f"resumed {plan.run} after epoch {plan.first_epoch}")
+    return full, base, model
+
+
+def steps_per_epoch(plan: Plan) -> int:
+    return -(-len(plan.train) // plan.cfg.batch_size)
+
+
+def fit(plan: Plan, full, base, model) -> FinetuneResult:
+    import numpy as np
+
+    from zoo.finetune import callbacks
+    from zoo.finetune.caching import cached_datasets
+
+    cfg, frozen_seconds = plan.cfg, 0.0
+    if plan.cache:
+        train_ds, val_ds, train_x, frozen_seconds = cached_datasets(plan, base)
+        probe = (model, train_x[: cfg.batch_size], plan.train.labels[: cfg.batch_size])
+    else:
+        from zoo.data import epochs_dataset, eval_dataset
+
+        train_ds, _ = epochs_dataset(plan.train, plan.spec, cfg.batch_size, plan.first_epoch, cfg.epochs, cfg.seed, cfg.augment)
+        val_ds = eval_dataset(plan.val, plan.spec, cfg.batch_size)
+        probe = _probe(plan, full, model)
+    probe = probe if cfg.strategy == "none" else None  # distributed: per-replica gradients on a host batch do not apply
+    hist = model.fit(train_ds, validation_data=val_ds, epochs=cfg.epochs, initial_epoch=plan.first_epoch,
+                     steps_per_epoch=steps_per_epoch(plan), verbose=0, shuffle=False,  # the datasets order themselves
+                     callbacks=callbacks.build_callbacks(plan, full, probe))
+    history = [{k: float(v[i]) for k, v in hist.history.items()} for i in range(len(hist.epoch))]
+    result = _results(plan, full, history)
+    rates = [h.get("images_per_second", 0) for h in history]
+    result.images_per_second, result.frozen_pass_seconds = float(np.median(rates)) if rates else 0.0, frozen_seconds
+    return result
+
+
+def _probe(plan: Plan, full, model):
+    """The histograms' fixed batch: (model of the trained layers, its input, labels); the frozen layers'
+    output for it is computed once (7 s an epoch for AlexNet's fc7+fc8)."""
+    from zoo.data import eval_dataset
+    from zoo.finetune.caching import split_at
+
+    x, y = next(iter(eval_dataset(plan.train, plan.spec, plan.cfg.batch_size)))
+    if not plan.frozen_prefix:
+        return model, x, y
+    probe_base, probe_model = split_at(full, plan.spec, plan.trained[0])
+    return probe_model, probe_base(x, training=False), y
+
+
+def _results(plan: Plan, full, history: list[dict]) -> FinetuneResult:
+    """Verified weights with the new head, class names; the result."""
+    from zoo.backends.keras import model_tensors
+    from zoo.finetune.checkpoints import atomic_write_text, read_state
+    from zoo.weights import save_weights
+
+    cfg, classes = plan.cfg, plan.train.classes
+    meta = {"base_spec": plan.base_spec.id, "classes": json.dumps(classes), "trained_layers": json.dumps(plan.trained),
+            "training": json.dumps({k: v for k, v in asdict(cfg).items() if k not in ("out", "resume")}),
+            "base_weights_sha256": plan.weights.metadata.get("source_sha256", "") if plan.weights else "random-init"}
+    out = save_weights(plan.run / "weights.safetensors", plan.spec, model_tensors(full, plan.spec), meta)
+    atomic_write_text(plan.run / "classes.txt", "\n".join(classes) + "\n")
+    state = read_state(plan.run / "checkpoints")
+    say(f"done: best val accuracy {state.get('best_val_accuracy', 0):.3f} (epoch {state.get('best_epoch')}); weights {out}")
+    return FinetuneResult(plan.run, out, classes, plan.trained, plan.cache, history, state.get("best_val_accuracy", 0.0))
+
+
+def optimizer(cfg: FinetuneConfig, steps_per_epoch: int):
+    import keras
+
+    from zoo.optimizers import FusedAdam, FusedSGD
+
+    lr = cfg.lr
+    if cfg.schedule == "cosine":
+        lr = keras.optimizers.schedules.CosineDecay(cfg.lr, decay_steps=max(1, cfg.epochs * steps_per_epoch))
+    elif cfg.schedule == "step":  # x0.1 every third of the run
+        lr = keras.optimizers.schedules.ExponentialDecay(cfg.lr, max(1, cfg.epochs * steps_per_epoch // 3), 0.1, staircase=True)
+    if cfg.optimizer == "adam":
+        return FusedAdam(lr)
+    return FusedSGD(lr, momentum=cfg.momentum)
+
+
+def strategy(name: str):
+    import tensorflow as tf
+
+    if name == "mirrored":
+        return tf.distribute.MirroredStrategy()
+    if name == "multiworker":
+        return tf.distribute.MultiWorkerMirroredStrategy()
+    return tf.distribute.get_strategy()

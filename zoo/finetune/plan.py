@@ -1,0 +1,148 @@
+"""Everything a run needs decided and checked before its folder exists: weights, spec, data, the layers to
+train, whether features can be cached, and where a resumed run stands."""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from zoo.errors import ZooError
+from zoo.finetune.config import FinetuneConfig
+from zoo.graph import INPUT, cut
+
+
+def say(message: str):
+    print(f"zoo: {message}", flush=True)
+
+
+@dataclass
+class Plan:
+    cfg: FinetuneConfig
+    run: Path
+    weights: object  # zoo.weights.Weights or None (random initialisation)
+    base_spec: object  # the spec the weights are for
+    spec: object  # with the new head
+    train: object  # zoo.data.Samples
+    val: object
+    trained: list[str]  # weighted layers to train, in graph order
+    frozen_prefix: bool  # the frozen layers meet the trained ones in one tensor (zoo.graph.cut)
+    cache: bool  # train on the frozen part's cached output
+    state: dict  # checkpoints/state.json of a resumed run
+
+    @property
+    def first_epoch(self) -> int:
+        return self.state.get("epoch", 0)
+
+
+def make_plan(cfg: FinetuneConfig) -> Plan:
+    from zoo.registry import load_weights, resolve_spec
+
+    weights = load_weights(cfg.weights) if cfg.weights else None
+    base_spec = resolve_spec(cfg.model, weights)
+    train, val, head = load_samples(cfg)
+    spec = base_spec.with_num_classes(head)
+    trained = resolve_trainable(spec.layer_names, [n.name for n in spec.weighted_nodes], cfg.train, cfg.freeze)
+    if not trained:
+        raise ZooError("every weighted layer is frozen: nothing to train")
+    if spec.head not in trained and head != base_spec.num_classes:
+        raise ZooError(f"the new head {spec.head} must be trained (it is freshly initialised)")
+    frozen_prefix = _frozen_prefix(spec, trained)
+    cache = _caching(cfg, frozen_prefix)
+    if weights is None:
+        say(f"no --weights: starting {spec.id} from RANDOM initialisation, not pretrained weights. "
+            f"Convert real weights with `zoo convert caffe bvlc_alexnet.npy` (or torch/h5) and pass --weights.")
+    run = Path(cfg.out)
+    return Plan(cfg, run, weights, base_spec, spec, train, val, trained, frozen_prefix, cache, _resume_state(cfg, run))
+
+
+def _frozen_prefix(spec, trained: list[str]) -> bool:
+    """Whether everything before the first trained layer is frozen and meets the rest in one tensor."""
+    first = spec.layer_names.index(trained[0])
+    split = cut(spec.nodes, trained[0])
+    return split is not None and split[0] != INPUT and \
+        all(n.name in trained for n in spec.weighted_nodes if spec.layer_names.index(n.name) >= first)
+
+
+def _caching(cfg: FinetuneConfig, frozen_prefix: bool) -> bool:
+    if cfg.cache_features == "on" and not frozen_prefix:
+        raise ZooError("--cache-features on needs every weighted layer after the first trained one to be trained, and the "
+                       "frozen layers to meet the trained ones in one tensor")
+    if cfg.cache_features == "on" and cfg.augment:
+        say("feature caching with augmentation on: crops and flips are NOT applied (features are computed once, center crop)")
+    if cfg.cache_features == "auto" and frozen_prefix and cfg.augment:
+        say("feature caching is off because augmentation is on (random crops and flips change the frozen layers' output); "
+            "--no-augment turns it on")
+    return cfg.cache_features == "on" or (cfg.cache_features == "auto" and frozen_prefix and not cfg.augment)
+
+
+def _resume_state(cfg: FinetuneConfig, run: Path) -> dict:
+    if not cfg.resume:
+        if run.exists() and any(run.iterdir()):
+            raise ZooError("run folder exists and is not empty; use --resume or another --out", run)
+        return {}
+    state_file = run / "checkpoints" / "state.json"
+    state = json.loads(state_file.read_text()) if state_file.exists() else {}
+    if state.get("epoch", 0) >= cfg.epochs:
+        raise ZooError(f"the run already finished {state['epoch']} epochs; pass more --epochs to go on", run)
+    return state
+
+
+def load_samples(cfg: FinetuneConfig):
+    """(training samples, validation samples, classes of the head), from folders or list files."""
+    from zoo import data
+
+    classes = data.read_classes_file(cfg.classes) if cfg.classes else None
+    if cfg.train_list or cfg.val_list:
+        if not (cfg.train_list and cfg.val_list):
+            raise ZooError("give both --train-list and --val-list")
+        train = data.from_list(cfg.train_list, classes)
+        val = data.from_list(cfg.val_list, classes or train.classes)
+        names = classes or [str(i) for i in range(max(len(train.classes), len(val.classes)))]
+        train.classes = val.classes = names
+    else:
+        folder = cfg.data
+        if folder is None:
+            folder = Path(cfg.out).parent / "zoo-example-data"
+            if not folder.is_dir():
+                from zoo.example import make_example
+
+                make_example(folder)
+            say(f"no --data given: training on the built-in example ({folder}: drawn circles vs squares, generated)")
+        train, val = data.from_folder(folder, cfg.val_fraction, cfg.seed)
+        if classes:
+            if len(classes) != len(train.classes):
+                raise ZooError(f"--classes names {len(classes)} classes, the data has {len(train.classes)}", cfg.classes)
+            train.classes = val.classes = classes
+    n = len(train.classes)
+    if n < 2:
+        raise ZooError(f"the data has {n} class(es); fine-tuning needs at least 2")
+    top = int(max(train.labels.max(), val.labels.max()))
+    head = cfg.head or n
+    if top >= head:
+        raise ZooError(f"label {top} is out of range for a head of {head} classes")
+    if head > n:
+        raise ZooError(f"--head {head} is larger than the data's {n} classes")
+    return train, val, head
+
+
+def resolve_trainable(layer_names: list[str], weighted: list[str], train, freeze) -> list[str]:
+    """The weighted layers to train, from --train or --freeze names/globs; unknown names are errors."""
+    if train and freeze:
+        raise ZooError("give --train or --freeze, not both")
+
+    def expand(patterns):
+        chosen = set()
+        for pattern in patterns:
+            hits = fnmatch.filter(layer_names, pattern)
+            if not hits:
+                raise ZooError(f"no layer matches {pattern!r}; layers: {', '.join(layer_names)}")
+            chosen.update(hits)
+        return chosen
+
+    if train:
+        picked = expand(train)
+        return [n for n in weighted if n in picked]
+    frozen = expand(freeze) if freeze else set()
+    return [n for n in weighted if n not in frozen]
