@@ -26,30 +26,41 @@ class Deferred:
     fill: Callable[[np.ndarray], None]
 
 
-_SLAB = 32  # source rows per step: the slab (plus padding) stays in L2 while it is scattered into columns
-_PAD = 16  # floats added to the slab's row pitch: a power-of-two pitch (fc7's 4096) thrashes cache sets
+_SLAB = 256  # source rows per step: permuted into a buffer, then written out tile by tile
+_TILE = 64  # buffer columns per tile: the tile's output rows each get 256 contiguous values (1 KiB) per visit
+_PAD = 16  # floats added to the buffer's row pitch: a power-of-two pitch (fc7's 4096) thrashes cache sets
 
 
-def rows_to_columns(w: np.ndarray, chw: tuple[int, int, int], out: np.ndarray) -> None:
+def rows_to_columns(w: np.ndarray, chw: tuple[int, int, int], out: np.ndarray, release=None) -> None:
     """out[(h, w, c), o] = w[o, (c, h, w)]: every foreign-to-canonical transform is this one transpose.
 
     Conv (out, in, kh, kw) -> HWIO is chw = (in, kh, kw); dense (out, in) -> (in, out) is (in, 1, 1); a
     dense layer after Caffe/PyTorch's C,H,W flatten is its feature map's (C, H, W). numpy copies a
-    transposed view element by element with a large stride (0.5 s for fc7); copying a slab of rows into
-    a padded buffer first, permuting (c, h, w) -> (h, w, c) on the way, then writing the slab's columns
-    is 5-6x faster. Big matrices use two threads (numpy copies release the GIL)."""
+    transposed view element by element with a large stride (0.5 s for fc7). Here a slab of 256 rows is
+    copied into a padded buffer, permuting (c, h, w) -> (h, w, c) on the way, and the buffer is written
+    out in tiles of 64 of its columns, so each output row gets 256 contiguous values per visit (before:
+    32-row slabs written whole, 32 values, 128 bytes, per visit of each output row). Filling a
+    fresh mapped file with all of VGG16's kernels: 0.31-0.44 s instead of 0.40-0.50 s (ResNet-50 0.08-0.11
+    instead of 0.11-0.12). Big matrices use two threads (numpy copies release the GIL).
+
+    `release(rows)`, if given, is called with each slab of `w` once it is in the buffer: a mapped
+    source's pages go while the output fills, so the two are never both resident (VGG16's fc6, 411 MB:
+    peak 1.04x the file instead of 1.57x)."""
     rows, cols = w.shape
     c, h, wd = chw
 
     def copy(lo, hi):
-        pad = np.empty((_SLAB, cols + _PAD), dtype=w.dtype)
+        buf = np.empty((min(_SLAB, hi - lo), cols + _PAD), dtype=w.dtype)
         for i in range(lo, hi, _SLAB):
             n = min(_SLAB, hi - i)
-            slab = pad[:n, :cols]
+            slab = buf[:n, :cols]
             slab.reshape(n, h, wd, c)[...] = w[i:i + n].reshape(n, c, h, wd).transpose(0, 2, 3, 1)
-            out[:, i:i + n] = slab.T
+            if release:
+                release(w[i:i + n])
+            for j in range(0, cols, _TILE):
+                out[j:j + _TILE, i:i + n] = slab[:, j:j + _TILE].T
 
-    half = rows // 2 // _SLAB * _SLAB
+    half = rows // 2 // 16 * 16  # the threads' output columns meet at a cache line
     if w.nbytes < 1 << 22 or half == 0:
         copy(0, rows)
     else:
@@ -65,7 +76,7 @@ def rows_to_canonical(w: np.ndarray, shape: tuple[int, ...], chw: tuple[int, int
     out = w.shape[0]
 
     def fill(dst):
-        rows_to_columns(w.reshape(out, -1), chw, dst.reshape(-1, out))
+        rows_to_columns(w.reshape(out, -1), chw, dst.reshape(-1, out), release)
         if release:
             release(w)
 

@@ -43,6 +43,7 @@ class Plugins:
         self.manager = pluggy.PluginManager(hookspecs.PROJECT)
         self.manager.add_hookspecs(hookspecs)
         self.infos: list[PluginInfo] = []
+        self.cache: dict = {}  # what is derived from the hooks' answers (zoo.registry's specs); emptied by a registration
         from zoo import __version__
 
         for name, module in BUILTIN_PLUGINS.items():
@@ -61,6 +62,7 @@ class Plugins:
             self._load(info, ep.load)
 
     def _load(self, info: PluginInfo, load):
+        self.cache.clear()
         self.infos.append(info)
         if self.manager.has_plugin(info.name):
             info.error = f"a plugin named {info.name!r} is already loaded"

@@ -22,8 +22,16 @@ def _as_spec(item, origin: str) -> ModelSpec:
 
 
 def all_specs() -> dict[str, ModelSpec]:
-    specs: dict[str, ModelSpec] = {}
+    """Every registered spec by id, built once per set of loaded plugins (each is parsed and its graph
+    inferred: 30 ms for the built-in nine, more than the rest of a small conversion)."""
     plugins = get_plugins()
+    if "specs" not in plugins.cache:
+        plugins.cache["specs"] = _collect_specs(plugins)
+    return dict(plugins.cache["specs"])
+
+
+def _collect_specs(plugins) -> dict[str, ModelSpec]:
+    specs: dict[str, ModelSpec] = {}
     for info, item in plugins.collect("zoo_model_specs"):
         try:
             spec = _as_spec(item, info.name)

@@ -163,11 +163,14 @@ def _header(meta: dict[str, str], tensors: dict) -> tuple[bytes, list[int]]:
 
 def _place(f, base: int, tensors: dict, offsets: list[int]) -> None:
     """Copy or compute each tensor into its place in the mapped file, then let its pages go (they stay
-    in the page cache; the process need not hold the whole model)."""
+    in the page cache; the process need not hold the whole model). Two tensors at a time, largest first:
+    numpy's copies release the GIL, and a ResNet's many small transposes are otherwise one core's work."""
     import mmap
+    from concurrent.futures import ThreadPoolExecutor
 
     with mmap.mmap(f.fileno(), base + offsets[-1]) as mapped:
-        for t, start, end in zip(tensors.values(), offsets, offsets[1:]):
+        def place(item):
+            t, start, end = item
             dst = np.ndarray(t.shape, np.dtype(t.dtype).newbyteorder("<"), mapped, base + start)
             if isinstance(t, Deferred):
                 t.fill(dst)
@@ -177,7 +180,11 @@ def _place(f, base: int, tensors: dict, offsets: list[int]) -> None:
                     flat[i:i + _CHUNK] = src[i:i + _CHUNK]
                     drop_pages(mapped, base + start + i * flat.itemsize, min(base + end, base + start + (i + _CHUNK) * flat.itemsize))
             del dst
-            drop_pages(mapped, base + start, base + end)
+            drop_pages(mapped, base + start, base + end)  # whole pages only: a neighbour's edge page stays
+
+        items = sorted(zip(tensors.values(), offsets, offsets[1:]), key=lambda item: item[2] - item[1], reverse=True)
+        with ThreadPoolExecutor(2) as pool:
+            list(pool.map(place, items))
 
 
 def _digest_value(key: str, value: str, path: Path) -> str:
