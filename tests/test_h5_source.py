@@ -113,3 +113,26 @@ def test_broken_h5_files(tmp_path, tiny_spec, cli):
 def test_mutated_h5_files_fail_cleanly(tmp_path, tiny_spec):
     keras_tiny().save_weights(tmp_path / "ok.weights.h5")
     assert fuzz_convert(tmp_path, (tmp_path / "ok.weights.h5").read_bytes(), ".h5", "h5", 200, seed=5) > 40
+
+
+@pytest.mark.parametrize("how", [dict(chunks=True, compression="gzip"), dict(dtype=">f4"), dict()])
+def test_h5_datasets_of_every_storage_read_the_same(tmp_path, tiny_spec, how):
+    """Contiguous little-endian datasets (Keras' own) are views of the mapped file; chunked, compressed and
+    big-endian ones go through h5py: the values are the same."""
+    import h5py
+    from conftest import small_layers
+
+    layers = small_layers()
+    path = tmp_path / "w.h5"
+    with h5py.File(path, "w") as f:
+        f.attrs["layer_names"] = [b"conv1", b"fc2"]
+        for name, arrays in layers.items():
+            group = f.create_group(name)
+            names = [f"{name}/kernel:0", f"{name}/bias:0"]  # as Keras 2 wrote them: a sub-group per layer
+            group.attrs["weight_names"] = [n.encode() for n in names]
+            for n, a in zip(names, arrays):
+                group.create_dataset(n, data=a, **how)
+    w = load_weights(convert(path, output=tmp_path / "w.safetensors").output)
+    for name, (kernel, bias) in layers.items():
+        np.testing.assert_array_equal(w.tensors[f"{name}.kernel"], kernel)
+        np.testing.assert_array_equal(w.tensors[f"{name}.bias"], bias)

@@ -27,3 +27,19 @@ def test_rows_to_columns_casts_into_the_output_dtype():
     out = np.empty((48, 64), np.float32)
     rows_to_columns(w, (48, 1, 1), out)
     np.testing.assert_array_equal(out, w.T.astype(np.float32))
+
+
+def test_released_slabs_cover_every_row_once_and_the_result_holds():
+    """The release callback lets a mapped source's pages go while the output fills (two threads here)."""
+    w = np.random.default_rng(2).standard_normal((1000, 2048), dtype=np.float32)
+    out = np.empty((2048, 1000), np.float32)
+    seen = np.zeros(1000, int)
+    base = w.__array_interface__["data"][0]
+
+    def release(rows):
+        first = (rows.__array_interface__["data"][0] - base) // w.strides[0]
+        seen[first:first + rows.shape[0]] += 1
+
+    rows_to_columns(w, (2048, 1, 1), out, release)
+    np.testing.assert_array_equal(out, w.T)
+    assert (seen == 1).all()
