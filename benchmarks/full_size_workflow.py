@@ -5,7 +5,7 @@ tests/references/caffe_reference.py into CAFFE_FOLDER/<net>/<net>.caffemodel; to
 seeded state dicts rebuilt by tests/seeded.py; Keras Applications' save_weights), then `zoo convert`,
 `zoo finetune` (a new 2-class head on the built-in example images, the head trained, features cached,
 exports checked against the Keras model), and `zoo predict` on the ONNX export. Each command runs as its
-own process; its wall time and peak memory (the child's ru_maxrss) are printed as a table.
+own process; its wall time and peak memory (its own VmHWM) are printed as a table.
 
     python benchmarks/full_size_workflow.py /work/refs/caffe-full [--versions alexnet@bvlc,resnet50@keras,...]
 """
@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -26,7 +25,11 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
-ZOO = [sys.executable, "-m", "zoo"]
+# `python -m zoo` that reports its own peak memory (VmHWM) on exit: the rusage of a child carries the
+# parent's peak across exec, and this parent holds whole state dicts while it writes them
+ZOO = [sys.executable, "-c", "import atexit, runpy, sys; atexit.register(lambda: print('VmHWM', next(line.split()[1] for line in "
+       "open('/proc/self/status') if line.startswith('VmHWM')), file=sys.stderr)); sys.argv[0] = 'zoo'; "
+       "runpy.run_module('zoo', run_name='__main__')"]
 CAFFE = {"alexnet@bvlc": "alexnet", "caffenet@bvlc": "caffenet", "vgg16@caffe": "vgg16", "resnet50@caffe": "resnet50",
          "googlenet@bvlc": "googlenet"}
 TORCHVISION = {"alexnet@torchvision": "alexnet", "vgg16@torchvision": "vgg16", "resnet50@torchvision": "resnet50"}
@@ -34,16 +37,14 @@ KERAS = {"resnet50@keras": "ResNet50"}
 
 
 def run(cmd: list) -> tuple[float, int, str]:
-    """(seconds, peak RSS bytes, stdout) of one command in its own process; exits on a non-zero status."""
-    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
-        t = time.perf_counter()
-        proc = subprocess.Popen([str(c) for c in cmd], stdout=out, stderr=err, text=True, cwd=ROOT)
-        _, status, usage = os.wait4(proc.pid, 0)  # the child's own rusage: its peak memory
-        seconds = time.perf_counter() - t
-        out.seek(0), err.seek(0)
-        if os.waitstatus_to_exitcode(status):
-            raise SystemExit(f"{' '.join(map(str, cmd))} failed:\n{err.read()[-2000:]}")
-        return seconds, usage.ru_maxrss * 1024, out.read()
+    """(seconds, peak memory in bytes, stdout) of one zoo command in its own process; exits on a failure."""
+    t = time.perf_counter()
+    proc = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, cwd=ROOT)
+    seconds = time.perf_counter() - t
+    if proc.returncode:
+        raise SystemExit(f"{' '.join(map(str, cmd))} failed:\n{proc.stderr[-2000:]}")
+    peak_kb = int(next(line.split()[1] for line in reversed(proc.stderr.splitlines()) if line.startswith("VmHWM")))
+    return seconds, peak_kb * 1024, proc.stdout
 
 
 def source_file(version: str, caffe_folder: Path, work: Path) -> tuple[str, Path]:
