@@ -123,9 +123,10 @@ def _try(spec: ModelSpec, layers: Params, assignment: dict[str, str], convention
     """Map the layers under `assignment`: (Fit or None, problems). Shapes are checked in the file's
     layout first, so only a fitting spec pays for the transforms."""
     mapped, problems, dropped = {}, [], {}
+    names = set(spec.layer_names)
     for fname, arrays in layers.items():
         target = assignment.get(fname, fname)
-        if target in spec.layer_names:
+        if target in names:
             mapped[target] = arrays
         else:
             problems.append(f"{fname}: no layer {target!r} in the spec")
@@ -171,7 +172,7 @@ def fit_params(layers: Params, convention: str, requested: ModelSpec | None = No
     layers = {name: arrays for name, arrays in layers.items() if arrays}
     fits, misses = [], []
     for spec in candidates:
-        extra = sorted(n for n in layers if n not in spec.layer_names and any(fnmatch(n, p) for p in spec.extra_layers))
+        extra = sorted(n for n in layers if spec.extra_layers and n not in spec.layer_names and any(fnmatch(n, p) for p in spec.extra_layers))
         kept = {n: a for n, a in layers.items() if n not in extra}
         # when neither names nor counts line up, report the problems by name
         for how, assignment in list(_assignments(list(kept), spec, mapping)) or [("names", {})]:

@@ -121,17 +121,21 @@ class ModelSpec:
     def nodes(self) -> tuple[Node, ...]:
         return graph.infer(self.layers, self.input_shape, f"model spec {self.id}")
 
-    def node(self, name: str) -> Node:
-        for node in self.nodes:
-            if node.name == name:
-                return node
-        raise ZooError(f"{self.id} has no layer {name!r}; layers: {', '.join(self.layer_names)}")
+    @cached_property
+    def _by_name(self) -> dict[str, Node]:
+        return {n.name: n for n in self.nodes}
 
-    @property
+    def node(self, name: str) -> Node:
+        try:
+            return self._by_name[name]
+        except KeyError:
+            raise ZooError(f"{self.id} has no layer {name!r}; layers: {', '.join(self.layer_names)}") from None
+
+    @cached_property
     def layer_names(self) -> list[str]:
         return [n.name for n in self.nodes]
 
-    @property
+    @cached_property
     def weighted_nodes(self) -> list[Node]:
         return [n for n in self.nodes if n.tensors]
 
