@@ -16,16 +16,19 @@ weights=None, include_top=False, pooling="avg") + Dense(2), every layer before c
 0.9, `fit` on a tf.data pipeline of the same image files (decode, resize the shorter side to 256, random crop
 224 and flip, or the center crop without augmentation, keras.applications.resnet50.preprocess_input).
 
-    python benchmarks/bench_finetune.py --model resnet50 [--images 320] [--cache-images 800] [--parts 1,2] [--repeat 3]
+    python benchmarks/bench_finetune.py --model resnet50 [--images 320] [--cache-images 400] [--parts 1,2] [--repeat 3]
 
 Images/s of a training epoch are taken after a warm-up epoch. Seeded random weights (not pretrained).
-Each measurement runs in a fresh interpreter; importing TensorFlow is outside every clock.
+Each measurement runs in a fresh interpreter; importing TensorFlow is outside every clock. Each starts when
+other processes leave the CPUs alone and is run again if they took over 10% of them meanwhile
+(bench_forward.run_quiet).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import statistics
 import subprocess
 import sys
@@ -37,6 +40,9 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from bench_forward import run_quiet  # noqa: E402
 
 TORCH_JOB = r"""
 import sys, time, json, torch
@@ -145,6 +151,7 @@ BATCH = {"alexnet": 64, "resnet50": 32}
 def _engine(weights: str, data: str, out: str, model: str, batch_size: str, **options):
     from zoo.finetune import finetune
 
+    shutil.rmtree(out, ignore_errors=True)  # a measurement run again (bench_forward.run_quiet) starts afresh
     return finetune(weights=weights or None, data=data, out=out, batch_size=int(batch_size), **SETTINGS[model] | options)
 
 
@@ -185,10 +192,14 @@ def measure(name: str, *args):
     """One measurement in a fresh interpreter: no part's threads, caches or memory bill another."""
     code = (f"import sys; sys.path.insert(0, {str(ROOT / 'benchmarks')!r}); import bench_finetune as b; "
             f"r = b.MEASURES[{name!r}](*sys.argv[1:]); print('RATE', *(r if isinstance(r, tuple) else [r]))")
-    p = subprocess.run([sys.executable, "-c", code, *map(str, args)], capture_output=True, text=True)
+    p = run_quiet([sys.executable, "-c", code, *map(str, args)])  # waits for, and re-runs after, other processes' load
     if p.returncode:
         raise SystemExit(f"{name} failed:\n{p.stderr[-3000:]}")
+    for line in p.stdout.splitlines():  # the engine's progress (frozen pass, epochs) to the log
+        if line.startswith(("zoo: cached", "  epoch")):
+            print(f"  {name}: {line.strip()}", file=sys.stderr, flush=True)
     rates = [float(v) for v in next(line for line in p.stdout.splitlines() if line.startswith("RATE")).split()[1:]]
+    print(f"  {name}: {rates}", file=sys.stderr, flush=True)
     return rates[0] if len(rates) == 1 else tuple(rates)
 
 
@@ -197,14 +208,14 @@ def main():
     ap.add_argument("--model", choices=sorted(SETTINGS), default="alexnet", help="alexnet@bvlc (issue 4) or resnet50@keras (issue 12)")
     ap.add_argument("--images", type=int, help="training images of the per-epoch measurements (default: alexnet 240, resnet50 320)")
     ap.add_argument("--cache-images", type=int, help="images (80%% train) of the 10-epoch feature-caching run (default: alexnet 1000, "
-                    "resnet50 800)")
+                    "resnet50 400)")
     ap.add_argument("--batch-size", type=int, help="default: alexnet 64, resnet50 32")
     ap.add_argument("--parts", help="which measurements: 1 engine vs fit, 2 caching, 3 vs PyTorch (alexnet only); default: all")
     ap.add_argument("--repeat", type=int, default=3, help="runs of the 10-epoch caching measurement (median); resnet50: of part 1 too")
     args = ap.parse_args()
     resnet = args.model == "resnet50"
     images = args.images or (320 if resnet else 240)
-    cache_images = args.cache_images or (800 if resnet else 1000)
+    cache_images = args.cache_images or (400 if resnet else 1000)
     batch = args.batch_size or BATCH[args.model]
     parts = set((args.parts or ("1,2" if resnet else "1,2,3")).split(","))
     if resnet and "3" in parts:

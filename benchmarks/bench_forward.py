@@ -16,12 +16,18 @@ Every measurement (one way, one model, one batch size) runs in a fresh interpret
 ONNX Runtime, building the model and two warm-up calls are outside the clock. A measurement is the median
 of timed calls (at least 3, and at least --seconds of them); the ways alternate (their order rotates) for
 --repeat rounds and each row is the median of its rounds.
+
+The machine may be shared: each measurement starts once the other processes have used under 10% of the CPUs
+for 5 s, and one during which they used more than 10% (from /proc/stat, less this process's children) is
+run again, up to 7 times (`run_quiet`; bench_finetune.py uses it too).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -133,11 +139,48 @@ def measure_onnx(way: str, spec_id: str, app: str, tensors_path: str, batch: str
 MEASURES = {"zoo": measure_keras, "app": measure_keras, "onnx": measure_onnx}
 
 
+def _cpu_seconds() -> tuple[float, float]:
+    """(seconds the machine's CPUs were busy, hypervisor steal included; CPU seconds of this process and its
+    waited-for children)."""
+    with open("/proc/stat") as f:
+        v = [int(x) for x in f.readline().split()[1:9]]
+    own = sum(getattr(resource.getrusage(w), a) for w in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN) for a in ("ru_utime", "ru_stime"))
+    return (sum(v) - v[3] - v[4]) / os.sysconf("SC_CLK_TCK"), own
+
+
+def _foreign_share(start: tuple[float, float], wall: float) -> float:
+    """The share of the machine's CPUs that other processes used since `start` (a _cpu_seconds())."""
+    busy, own = _cpu_seconds()
+    return max(0.0, (busy - start[0]) - (own - start[1])) / (wall * os.cpu_count())
+
+
+def run_quiet(cmd: list[str], limit: float = 0.10, tries: int = 8) -> subprocess.CompletedProcess:
+    """subprocess.run(cmd) when other processes leave the CPUs alone: wait until they used under `limit` of
+    them for 5 s, run, and run again (up to `tries` in all) if they used more than `limit` meanwhile."""
+    for attempt in range(tries):
+        waited = time.perf_counter()
+        while True:
+            start, t = _cpu_seconds(), time.perf_counter()
+            time.sleep(5)
+            if _foreign_share(start, time.perf_counter() - t) < limit:
+                break
+        if time.perf_counter() - waited > 6:
+            print(f"  (waited {time.perf_counter() - waited:.0f} s for other processes to leave the CPUs)", file=sys.stderr, flush=True)
+        start, t = _cpu_seconds(), time.perf_counter()
+        p = subprocess.run(cmd, capture_output=True, text=True)
+        share = _foreign_share(start, time.perf_counter() - t)
+        if share < limit or p.returncode:
+            return p
+        print(f"  (other processes used {share:.0%} of the CPUs during it: {'again' if attempt + 1 < tries else 'kept'})",
+              file=sys.stderr, flush=True)
+    return p
+
+
 def measure(way: str, *args) -> dict:
     """One measurement in a fresh interpreter: no way's threads, caches or memory bill another."""
     code = (f"import sys, json; sys.path.insert(0, {str(ROOT / 'benchmarks')!r}); import bench_forward as b; "
             f"print('RESULT', json.dumps(b.MEASURES[{way!r}]({way!r}, *sys.argv[1:])))")
-    p = subprocess.run([sys.executable, "-c", code, *map(str, args)], capture_output=True, text=True)
+    p = run_quiet([sys.executable, "-c", code, *map(str, args)])
     if p.returncode:
         raise SystemExit(f"{way} {args} failed:\n{p.stderr[-3000:]}")
     return json.loads(next(line for line in p.stdout.splitlines() if line.startswith("RESULT"))[7:])
