@@ -261,7 +261,7 @@ def main():
             base, training, whole, _ = (statistics.median(x) for x in zip(*runs))
             peaks = [r[3] for r in runs]
             every = f"medians of {args.repeat} runs, each with the plain fit run just before it; plain fit {listed(runs, 0)}"
-            rows.append((f"{layers}, batch {batch}, {n_big} images, 10 epochs: training steps and the frozen pass over them, "
+            rows.append((f"{layers}, batch {batch}, {n_big} training images, 10 epochs: training steps and the frozen pass over them, "
                          f"counted as the baseline counts ({every}; zoo {listed(runs, 1)})", "zoo finetune --no-augment (cached features)",
                          training, f"{plain_name}, one epoch's training steps{', center crop' if resnet else ''}", base))
             rows.append((f"the same runs, whole run: model build, frozen pass over training and validation images, 10 epochs with "

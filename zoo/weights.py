@@ -109,15 +109,16 @@ def save_weights(path, spec: ModelSpec, tensors: dict[str, np.ndarray | Deferred
 
     The file is sized up front and memory-mapped; each tensor is copied (or a Deferred computed)
     straight into its place, so there is no serialised copy of the model (safetensors' save_file
-    needs one) and a transform writes no intermediate array. The result is then parsed by
-    safetensors itself and every value scanned for NaN/inf before it is renamed into place.
+    needs one) and a transform writes no intermediate array. Every value is scanned for NaN/inf in the
+    file's pages as it lands, and the result is parsed by safetensors itself before it is renamed into
+    place.
 
     `pending_digests` maps metadata keys to futures of sha256 hex digests still being computed (the
     source file's hash, on the other core): the header, reserved at a placeholder of the same width,
     is written last, once they are there.
     """
     path = Path(path)
-    check_tensors(spec, tensors, path, values=False)  # names, shapes, dtypes; values in the read-back pass
+    check_tensors(spec, tensors, path, values=False)  # names, shapes, dtypes; values as they are written
     pending = dict(pending_digests or {})
     meta = {k: str(v) for k, v in (metadata or {}).items()} | {k: _DIGEST_PLACEHOLDER for k in pending} | spec_metadata(spec)
     if not path.parent.is_dir():
@@ -132,7 +133,8 @@ def save_weights(path, spec: ModelSpec, tensors: dict[str, np.ndarray | Deferred
                 os.posix_fallocate(f.fileno(), 0, len(header) + offsets[-1])
             except OSError as e:
                 raise ZooError(f"cannot write: {e.strerror or e}", path) from None
-            _place(f, len(header), ordered, offsets)
+            not_finite = _place(f, len(header), ordered, offsets)
+            _raise_problems(spec, [f"{name} holds NaN or infinite values" for name in sorted(not_finite)], path)
             for key, future in pending.items():
                 meta[key] = _digest_value(key, future.result(), path)
             final, _ = _header(meta, ordered)
@@ -161,30 +163,35 @@ def _header(meta: dict[str, str], tensors: dict) -> tuple[bytes, list[int]]:
     return len(text).to_bytes(8, "little") + text, offsets
 
 
-def _place(f, base: int, tensors: dict, offsets: list[int]) -> None:
-    """Copy or compute each tensor into its place in the mapped file, then let its pages go (they stay
-    in the page cache; the process need not hold the whole model). Two tensors at a time, largest first:
-    numpy's copies release the GIL, and a ResNet's many small transposes are otherwise one core's work."""
+def _place(f, base: int, tensors: dict, offsets: list[int]) -> list[str]:
+    """Copy or compute each tensor into its place in the mapped file, scan what landed there for NaN/inf
+    while it is still in cache, then let its pages go (they stay in the page cache; the process need not
+    hold the whole model). Two tensors at a time, largest first: numpy's copies release the GIL, and a
+    ResNet's many small transposes are otherwise one core's work. Returns the names holding NaN/inf."""
     import mmap
     from concurrent.futures import ThreadPoolExecutor
 
     with mmap.mmap(f.fileno(), base + offsets[-1]) as mapped:
-        def place(item):
-            t, start, end = item
+        def place(item) -> str | None:
+            name, t, start, end = item
             dst = np.ndarray(t.shape, np.dtype(t.dtype).newbyteorder("<"), mapped, base + start)
+            finite = True
             if isinstance(t, Deferred):
                 t.fill(dst)
+                finite = all_finite(dst, lambda chunk: release_pages(mapped, chunk))
             else:  # in chunks, dropping each behind: no tensor's pages stay resident twice
                 src, flat = np.ascontiguousarray(t).reshape(-1), dst.reshape(-1)
                 for i in range(0, flat.size, _CHUNK):
                     flat[i:i + _CHUNK] = src[i:i + _CHUNK]
+                    finite = finite and all_finite(flat[i:i + _CHUNK])
                     drop_pages(mapped, base + start + i * flat.itemsize, min(base + end, base + start + (i + _CHUNK) * flat.itemsize))
             del dst
             drop_pages(mapped, base + start, base + end)  # whole pages only: a neighbour's edge page stays
+            return None if finite else name
 
-        items = sorted(zip(tensors.values(), offsets, offsets[1:]), key=lambda item: item[2] - item[1], reverse=True)
+        items = sorted(zip(tensors, tensors.values(), offsets, offsets[1:]), key=lambda item: item[3] - item[2], reverse=True)
         with ThreadPoolExecutor(2) as pool:
-            list(pool.map(place, items))
+            return [name for name in pool.map(place, items) if name]
 
 
 def _digest_value(key: str, value: str, path: Path) -> str:
@@ -194,16 +201,14 @@ def _digest_value(key: str, value: str, path: Path) -> str:
 
 
 def _verify_written(tmp: Path, spec: ModelSpec, tensors: dict, meta: dict[str, str], path: Path) -> None:
-    """safetensors itself must parse the file to the metadata and names that were meant, and the tensors
-    read back from it must match the spec and be finite (scanned through a fresh mapping, pages dropped
-    behind)."""
+    """safetensors itself must parse the file to the metadata, names, shapes and dtypes that were meant
+    (the values were scanned for NaN/inf in the file's pages as they were written)."""
     from safetensors import safe_open
 
     with safe_open(tmp, framework="numpy") as f:
         if f.metadata() != meta or set(f.keys()) != set(tensors):
             raise ZooError("read-back check failed: header differs from what was written", path)
-    mapping = map_file(tmp)
-    check_tensors(spec, _views(mapping), path, release=lambda chunk: release_pages(mapping, chunk))
+    check_tensors(spec, _views(map_file(tmp)), path, values=False)
 
 
 @dataclass
