@@ -1,20 +1,30 @@
-"""Built-in plugin `torch`: PyTorch state dicts saved by torch.save (zip format, torch >= 1.6).
+"""Built-in plugin `torch`: PyTorch state dicts saved by torch.save, in either of its formats.
 
-Read without torch: zipfile for the directory, the restricted unpickler for `data.pkl` (allowing only
-the container, tensor-rebuild and storage globals), and the storages as zero-copy views of the
-memory-mapped file. Tensors are grouped by module (`layer1.0.bn1.running_mean` -> layer `layer1.0.bn1`,
-param `running_mean`) and matched to a spec by the generic matcher: by name (torchvision's module names
-are the `@torchvision` specs' layer names), else by the order and shapes of the weighted layers.
+- the zip (torch >= 1.6): `<name>/data.pkl` and one member per storage;
+- the legacy stream (torch < 1.6, or `_use_new_zipfile_serialization=False`): pickles of the magic number,
+  the protocol version and sys_info, the object, the list of storage keys, then each storage's 8-byte
+  element count and bytes.
+
+Read without torch: the restricted unpickler (allowing only the container, tensor-rebuild and storage
+globals) and the storages as zero-copy views of the memory-mapped file. No array exists until every tensor
+is checked against its storage: inside it, no element read twice (a zero stride), no more elements taken
+from a storage than it holds, so the output is bounded by the file's size. Tensors are grouped by module
+(`layer1.0.bn1.running_mean` -> layer `layer1.0.bn1`, param `running_mean`) and matched to a spec by the
+generic matcher: by name (torchvision's module names are the `@torchvision` specs' layer names), else by
+the order and shapes of the weighted layers.
 """
 
 from __future__ import annotations
 
+import math
+import pickle
 import re
 import struct
 import zipfile
 import zlib
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -23,44 +33,88 @@ from zoo.errors import ZooError
 from zoo.hookspecs import hookimpl
 from zoo.sources import Imported, Params, WeightSource, fit_params, map_file, mapping_notes, release_pages
 
-# torch storage classes -> numpy dtypes (bfloat16 is widened to float32 after reading)
+# torch storage classes -> numpy dtypes (bfloat16 is read as its bits and widened to float32 after the checks)
 STORAGE_DTYPES = {
-    "FloatStorage": np.float32, "DoubleStorage": np.float64, "HalfStorage": np.float16, "BFloat16Storage": "bfloat16",
+    "FloatStorage": np.float32, "DoubleStorage": np.float64, "HalfStorage": np.float16, "BFloat16Storage": np.uint16,
     "LongStorage": np.int64, "IntStorage": np.int32, "ShortStorage": np.int16, "CharStorage": np.int8,
     "ByteStorage": np.uint8, "BoolStorage": np.bool_,
 }
-_LEGACY_MAGIC = b"\x80\x02\x8a\x0al\xfc\x9cF\xf9 j\xa8P\x19"  # pickle of torch's pre-1.6 magic number
+_MAGIC, _LEGACY_PROTOCOL = 0x1950A86A20F9469CFC6C, 1001  # torch.serialization's MAGIC_NUMBER, PROTOCOL_VERSION
+_MAGIC_LONG = b"\x8a\x0al\xfc\x9cF\xf9 j\xa8P\x19"  # LONG1 of the magic: how pickle protocols 2-5 write it
+# what pickle raises on a malformed stream (as safe_pickle.load maps them for a single pickle)
+_PICKLE_ERRORS = (pickle.UnpicklingError, EOFError, ValueError, TypeError, struct.error, MemoryError, OverflowError,
+                  KeyError, IndexError, AttributeError, UnicodeDecodeError, RecursionError)
 
 
-class _StorageType:
-    def __init__(self, name):
-        self.name = name
+class _StorageType(NamedTuple):
+    """`torch.FloatStorage` etc.: a tuple, which a pickle's BUILD cannot change (no __dict__, no __setstate__, no
+    settable attribute; a frozen dataclass has a __setstate__), so no file changes what a name means for the next."""
+
+    name: str
+
+
+class _Storage:
+    """A storage the pickle names: type and element count at once, its bytes (`array`) once the format finds them."""
+
+    def __init__(self, kind: _StorageType, key: str, numel: int):
+        self.kind, self.key, self.numel, self.array = kind, key, numel, None
+        self.bfloat16 = kind.name == "BFloat16Storage"
+        self.dtype = np.dtype(STORAGE_DTYPES[kind.name])
+
+    def locate(self, buffer, offset: int = 0):
+        """Its elements in `buffer` from `offset`: a zero-copy view, refused when they would run past the end."""
+        nbytes = self.numel * self.dtype.itemsize
+        if nbytes > len(buffer) - offset:
+            raise ZooError(f"storage {self.key!r} claims {self.numel} elements of {self.dtype} "
+                           f"({nbytes} bytes) where {len(buffer) - offset} remain (truncated?)")
+        self.array = np.frombuffer(buffer, dtype=self.dtype, count=self.numel, offset=offset)
+
+
+def _span(size: tuple, stride: tuple) -> int:
+    """Storage elements from a tensor's first to its last, refusing layouts that read an element twice (a zero
+    stride makes a 1-element storage a tensor of any size). Each dimension, by increasing stride, must step past
+    the ones before: true of every slice, permutation and view; only as_strided interleaves dimensions."""
+    if 0 in size:
+        return 0
+    span = 1
+    for step, n in sorted((s, n) for n, s in zip(size, stride) if n > 1):
+        if step < span:
+            raise ZooError(f"tensor of size {size} with strides {stride} reads storage elements more than once")
+        span += step * (n - 1)
+    return span
 
 
 class _Tensor:
-    """A tensor rebuilt from the pickle: a checked strided view of its storage."""
+    """A tensor rebuilt from the pickle: its storage and checked layout; the array is made on demand."""
 
-    def __init__(self, array: np.ndarray, bfloat16: bool):
-        self.array, self.bfloat16 = array, bfloat16
+    def __init__(self, storage: _Storage, offset: int, size: tuple, stride: tuple):
+        self.storage, self.offset, self.size, self.stride = storage, offset, size, stride
+        self.count = math.prod(size)
 
     def numpy(self) -> np.ndarray:
-        if self.bfloat16:  # bfloat16 is the high half of a float32: widen exactly
-            return (np.ascontiguousarray(self.array).astype(np.uint32) << 16).view(np.float32)
-        return self.array
+        item = self.storage.dtype.itemsize
+        # a stride moves nowhere along a dimension of size 1, nor in an empty tensor: unchecked, so unused
+        strides = [s * item if n > 1 and self.count else 0 for n, s in zip(self.size, self.stride)]
+        view = np.lib.stride_tricks.as_strided(self.storage.array[self.offset:], shape=self.size, strides=strides,
+                                               writeable=False)
+        if not self.storage.bfloat16:
+            return view
+        wide = view.astype(np.uint32)  # bfloat16 is the high half of a float32: widen exactly
+        wide <<= 16
+        return wide.view(np.float32)
 
 
 def _rebuild_tensor_v2(storage, offset, size, stride, requires_grad=False, hooks=None, metadata=None):
-    data, bfloat16 = storage
-    if not (isinstance(offset, int) and isinstance(size, tuple) and isinstance(stride, tuple) and len(size) == len(stride)):
+    if not (isinstance(storage, _Storage) and isinstance(offset, int) and isinstance(size, tuple)
+            and isinstance(stride, tuple) and len(size) == len(stride)):
         raise ZooError("malformed tensor record")
     if any(not isinstance(n, int) or n < 0 for n in size + stride) or offset < 0:
         raise ZooError(f"tensor with negative size, stride or offset {size} {stride} {offset}")
-    last = offset + sum((n - 1) * s for n, s in zip(size, stride)) if all(size) else offset - 1
-    if last >= data.size:
-        raise ZooError(f"tensor of size {size} at offset {offset} reads past its storage of {data.size} elements")
-    item = data.itemsize
-    view = np.lib.stride_tricks.as_strided(data[offset:], shape=size, strides=[s * item for s in stride], writeable=False)
-    return _Tensor(view, bfloat16)
+    if math.prod(n or 1 for n in size) >= 2**40:  # even an empty one: numpy refuses such shapes
+        raise ZooError(f"tensor of size {size}: too large")
+    if offset + _span(size, stride) > storage.numel:
+        raise ZooError(f"tensor of size {size} at offset {offset} reads past its storage of {storage.numel} elements")
+    return _Tensor(storage, offset, size, stride)
 
 
 def _rebuild_parameter(data, requires_grad=False, hooks=None):
@@ -74,19 +128,41 @@ ALLOWED = {
 } | {("torch", name): _StorageType(name) for name in STORAGE_DTYPES}
 
 
-class TorchFile:
-    """The storages of a torch.save zip, sliced out of the mapped file."""
+class _TorchFile:
+    """What both formats share: the mapped file, and one _Storage per key the pickle names."""
 
-    def __init__(self, path: Path):
-        self.path = path
-        self.data = map_file(path)
+    PID_LENGTH = 5  # ('storage', type, key, location, numel)
+
+    def __init__(self, path: Path, data):
+        self.path, self.data = path, data
+        self.storages: dict[str, _Storage] = {}
+
+    def persistent_load(self, pid):
+        if not (isinstance(pid, tuple) and len(pid) == self.PID_LENGTH and pid[0] == "storage"
+                and isinstance(pid[1], _StorageType) and isinstance(pid[2], str) and isinstance(pid[4], int) and pid[4] >= 0):
+            raise ZooError(f"unsupported persistent id {str(pid)[:80]}")
+        _, kind, key, _location, numel = pid[:5]
+        storage = self.storages.get(key)
+        if storage is None:
+            storage = self.storages[key] = _Storage(kind, key, numel)
+            self._found(storage)
+        elif (storage.kind, storage.numel) != (kind, numel):
+            raise ZooError(f"storage {key!r} is named both as {storage.numel} {storage.kind.name} and {numel} {kind.name}")
+        return storage
+
+    def _found(self, storage: _Storage):
+        """A storage first named by the pickle (the zip locates it at once)."""
+
+
+class ZipTorchFile(_TorchFile):
+    """The zip format: the storages are members `<name>/data/<key>`, sliced out of the mapped file."""
+
+    def __init__(self, path: Path, data):
+        super().__init__(path, data)
         try:
             self.zip = zipfile.ZipFile(path)
         except (zipfile.BadZipFile, OSError, ValueError, EOFError) as e:
-            if bytes(self.data[:len(_LEGACY_MAGIC)]) == _LEGACY_MAGIC:
-                raise ZooError("pre-1.6 torch.save format (not a zip): re-save it with torch>=1.6, "
-                               "e.g. torch.save(torch.load(f, weights_only=True), 'new.pth')", path) from None
-            raise ZooError(f"not a torch.save zip file ({e})", path) from None
+            raise ZooError(f"not a torch.save zip nor a legacy torch.save file ({e})", path) from None
         pickles = [n for n in self.zip.namelist() if n.endswith("/data.pkl") and n.count("/") == 1]
         if len(pickles) != 1:
             raise ZooError("no <name>/data.pkl in the zip: not a torch.save file", path)
@@ -94,7 +170,6 @@ class TorchFile:
         byteorder = self._member(self.prefix + "byteorder", required=False)
         if byteorder is not None and bytes(byteorder) != b"little":
             raise ZooError(f"byte order {bytes(byteorder)[:16]!r}: only little-endian files are supported", path)
-        self.storages: dict[str, tuple] = {}
 
     def _member(self, name: str, required=True):
         try:
@@ -117,22 +192,75 @@ class TorchFile:
             raise ZooError(f"{name} claims {info.file_size} bytes past the end of the file (truncated?)", self.path)
         return memoryview(self.data)[begin:begin + info.file_size]
 
-    def persistent_load(self, pid):
-        if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage" and isinstance(pid[1], _StorageType)):
-            raise ZooError(f"unsupported persistent id {str(pid)[:80]}")
-        _, kind, key, _location, numel = pid
-        if (kind.name, key) not in self.storages:
-            dtype = STORAGE_DTYPES[kind.name]
-            bfloat16 = dtype == "bfloat16"
-            dtype = np.dtype(np.uint16 if bfloat16 else dtype)
-            raw = self._member(f"{self.prefix}data/{key}")
-            if not isinstance(numel, int) or numel * dtype.itemsize > len(raw):
-                raise ZooError(f"storage {key} claims {numel} elements of {dtype} in {len(raw)} bytes")
-            self.storages[(kind.name, key)] = (np.frombuffer(raw, dtype=dtype, count=numel), bfloat16)
-        return self.storages[(kind.name, key)]
+    def _found(self, storage):
+        storage.locate(self._member(f"{self.prefix}data/{storage.key}"))
 
     def load(self):
         return safe_pickle.load(self._member(self.prefix + "data.pkl"), ALLOWED, self.persistent_load, self.path)
+
+
+class LegacyTorchFile(_TorchFile):
+    """The legacy stream: the storages' bytes follow the pickles, so they are located after the object is read."""
+
+    PID_LENGTH = 6  # ... and view_metadata
+
+    def persistent_load(self, pid):
+        if isinstance(pid, tuple) and len(pid) == 6 and pid[5] is not None:  # torch has long written None here
+            raise ZooError(f"storage view {str(pid[5])[:40]} (an early torch version's): not supported")
+        return super().persistent_load(pid)
+
+    def load(self):
+        try:
+            return self._load()
+        except ZooError as e:
+            raise (type(e)(_one_line(str(e)), self.path) if e.path is None else e) from None
+        except _PICKLE_ERRORS as e:
+            raise ZooError(_one_line(f"not a valid legacy torch.save stream ({type(e).__name__}: {e})"), self.path) from None
+
+    def _load(self):
+        reader = safe_pickle.BufferReader(self.data)
+
+        def unpickle():  # the next pickle of the stream, with a memo of its own
+            return safe_pickle.RestrictedUnpickler(reader, ALLOWED, self.persistent_load).load()
+
+        magic, version, sys_info = unpickle(), unpickle(), unpickle()
+        if magic != _MAGIC:
+            raise ZooError("no torch magic number at the start of the legacy stream")
+        if version != _LEGACY_PROTOCOL:
+            raise ZooError(f"legacy torch.save protocol version {str(version)[:20]}: only {_LEGACY_PROTOCOL} is known")
+        if not isinstance(sys_info, dict) or sys_info.get("little_endian") is not True:
+            raise ZooError("not a little-endian file (its sys_info's little_endian is not True): only those are supported")
+        obj = safe_pickle.resolve(unpickle())
+        self._locate(unpickle(), len(self.data) - reader.remaining)
+        return obj
+
+    def _locate(self, keys, pos: int):
+        """Each storage in the order of `keys`: an 8-byte little-endian element count, then its bytes."""
+        if not (isinstance(keys, list) and all(isinstance(k, str) for k in keys)
+                and len(set(keys)) == len(keys) == len(self.storages) and set(keys) == set(self.storages)):
+            raise ZooError("the list of storage keys does not match the storages the pickle names")
+        for key in keys:
+            storage = self.storages[key]
+            if pos + 8 > len(self.data):
+                raise ZooError(f"the file ends before storage {key!r} (truncated?)")
+            (count,) = struct.unpack_from("<q", self.data, pos)
+            if count != storage.numel:
+                raise ZooError(f"storage {key!r} holds {count} elements where the pickle says {storage.numel}")
+            storage.locate(self.data, pos + 8)
+            pos += 8 + storage.numel * storage.dtype.itemsize
+
+
+def _one_line(text: str) -> str:
+    return text.encode("unicode_escape").decode("ascii")[:400]  # names in it come from the file: keep it one line
+
+
+def _is_legacy(head: bytes) -> bool:
+    return head[:1] == b"\x80" and _MAGIC_LONG in head[:24]  # a pickle (protocol >= 2) of the magic number
+
+
+def open_torch_file(path: Path) -> _TorchFile:
+    data = map_file(path)
+    return (LegacyTorchFile if _is_legacy(bytes(data[:24])) else ZipTorchFile)(path, data)
 
 
 def _tensors_of(obj) -> dict[str, _Tensor] | None:
@@ -157,6 +285,18 @@ def state_dict_of(obj, path) -> dict[str, _Tensor]:
     return {re.sub(r"^(module\.)+", "", k): v for k, v in found.items()}
 
 
+def check_storage_use(state: dict[str, _Tensor], path):
+    """No storage gives the state dict's tensors more elements than it holds (each tensor alone was checked
+    inside it): what is widened and written is bounded by the file's size."""
+    taken = Counter()
+    for tensor in state.values():
+        taken[tensor.storage] += tensor.count
+    for storage, count in taken.items():
+        if count > storage.numel:
+            raise ZooError(f"tensors take {count} elements from storage {storage.key!r} of {storage.numel}: "
+                           "they overlap", path)
+
+
 def state_dict_params(state: dict[str, np.ndarray]) -> Params:
     """`<module>.<param>` keys grouped by module, in the file's order."""
     layers: Params = {}
@@ -168,24 +308,26 @@ def state_dict_params(state: dict[str, np.ndarray]) -> Params:
 
 class TorchStateDict(WeightSource):
     name = "torch"
-    format = "PyTorch torch.save zip (state dict)"
+    format = "PyTorch torch.save, zip or legacy (state dict)"
     extensions = (".pth", ".pt", ".bin", ".ckpt")
 
     def sniff(self, path, head):
-        return (head.startswith(b"PK\x03\x04") and b"data.pkl" in head) or head.startswith(_LEGACY_MAGIC)
+        return (head.startswith(b"PK\x03\x04") and b"data.pkl" in head) or _is_legacy(head)
 
     def read(self, path, spec, options):
         try:
-            torch_file = TorchFile(path)
+            torch_file = open_torch_file(path)
             state = state_dict_of(torch_file.load(), path)
         except (zipfile.BadZipFile, zlib.error, struct.error, NotImplementedError, RuntimeError, EOFError, ValueError) as e:
-            raise ZooError(f"corrupt torch.save zip ({type(e).__name__}: {e})", path) from None
-        widened = [k for k, t in state.items() if t.bfloat16]
+            raise ZooError(f"corrupt torch.save file ({type(e).__name__}: {e})", path) from None
+        check_storage_use(state, path)  # before any array exists: nothing is widened or copied unchecked
+        widened = [k for k, t in state.items() if t.storage.bfloat16]
         layers = state_dict_params({k: t.numpy() for k, t in state.items()})
         fit = fit_params(layers, "torch", spec, path, mapping=options.get("map"),
                          release=lambda w: release_pages(torch_file.data, w))
         notes = [f"converted bfloat16 to float32 (exact): {', '.join(widened)}"] if widened else []
-        return Imported(fit.spec, fit.tensors, notes=notes + mapping_notes(fit), source_format="torch-zip-state-dict")
+        kind = "legacy" if isinstance(torch_file, LegacyTorchFile) else "zip"
+        return Imported(fit.spec, fit.tensors, notes=notes + mapping_notes(fit), source_format=f"torch-{kind}-state-dict")
 
 
 @hookimpl
