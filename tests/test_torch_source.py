@@ -120,7 +120,6 @@ def test_broken_and_wrong_files_get_one_line(tmp_path, tiny_torch, cli):
     (tmp_path / "truncated.pth").write_bytes(good[: len(good) * 2 // 3])
     (tmp_path / "empty.pth").write_bytes(b"")
     np.save(tmp_path / "x.npy", np.zeros(3))
-    torch.save(tiny_torch.state_dict(), tmp_path / "legacy.pth", _use_new_zipfile_serialization=False)
     resnetish = collections.OrderedDict(
         [("conv1.weight", torch.zeros(64, 3, 7, 7)), ("bn1.weight", torch.ones(64)), ("bn1.bias", torch.zeros(64)),
          ("fc.weight", torch.zeros(1000, 512)), ("fc.bias", torch.zeros(1000))])
@@ -129,7 +128,7 @@ def test_broken_and_wrong_files_get_one_line(tmp_path, tiny_torch, cli):
     shapes["classifier.weight"] = torch.zeros(3, 65)
     torch.save(shapes, tmp_path / "shapes.pth")
     expected = {
-        "truncated.pth": "", "empty.pth": "", "x.npy": "not a torch.save zip", "legacy.pth": "pre-1.6",
+        "truncated.pth": "", "empty.pth": "", "x.npy": "not a torch.save zip",
         "resnet.pth": "match no registered model spec", "shapes.pth": "fc2.weight: (3, 65) != (3, 64)",
     }
     before = set(os.listdir(tmp_path))
