@@ -171,8 +171,12 @@ def cmd_plugins(args):
 def cmd_finetune(args):
     from zoo.finetune import finetune
     from zoo.finetune.config import given
+    from zoo.report import write_report
 
     result = finetune(**given(args))
+    report = write_report(result.run_dir)  # before any export: a failed export keeps the report
+    if not args.json:
+        print(f"report {report}")
     if args.export:
         from zoo.export import export
 
@@ -181,7 +185,7 @@ def cmd_finetune(args):
     if args.json:
         _print_json({"run_dir": str(result.run_dir), "weights": str(result.weights), "classes": result.classes,
                      "trained_layers": result.trained_layers, "cached_features": result.cached_features,
-                     "best_val_accuracy": result.best_val_accuracy, "history": result.history})
+                     "best_val_accuracy": result.best_val_accuracy, "history": result.history, "report": str(report)})
     return 0
 
 
@@ -209,6 +213,17 @@ def cmd_predict(args):
     if args.json:
         _print_json([r.__dict__ for r in results])
     return 1 if any(r.error for r in results) or not results else 0
+
+
+def cmd_report(args):
+    from zoo.report import write_report
+
+    page = write_report(args.run)
+    if args.json:
+        _print_json({"report": str(page)} | json.loads(page.with_name("report.json").read_text()))
+    else:
+        print(f"report {page}")
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -262,6 +277,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top", type=int, default=5)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("report", help="a run's curves, confusion matrix and most confidently wrong images (RUN/report/)")
+    p.add_argument("run", help="run folder, finished or interrupted")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("plugins", help="loaded plugins, their package, version and what they provide")
     p.add_argument("--json", action="store_true")

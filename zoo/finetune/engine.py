@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict
+from pathlib import Path
 
 from zoo.finetune.config import FinetuneConfig, FinetuneResult, configure
 from zoo.finetune.plan import Plan, make_plan, say
@@ -21,6 +22,10 @@ def finetune(config: FinetuneConfig | None = None, **overrides) -> FinetuneResul
     (plan.run / "checkpoints").mkdir(parents=True, exist_ok=True)
     if not plan.cfg.resume:
         atomic_write_text(plan.run / "config.json", json.dumps(asdict(plan.cfg), indent=2))
+    # before training, so that `zoo report` can evaluate an interrupted run: the validation list in the seed's
+    # `path label` format (absolute paths: the report may run from elsewhere)
+    atomic_write_text(plan.run / "classes.txt", "\n".join(plan.train.classes) + "\n")
+    atomic_write_text(plan.run / "val.txt", "".join(f"{Path(p).absolute()} {y}\n" for p, y in zip(plan.val.paths, plan.val.labels)))
     full, base, model = build(plan)
     say(f"fine-tuning {plan.spec.id} -> {plan.spec.num_classes} classes ({', '.join(plan.train.classes)}); training "
         f"{', '.join(plan.trained)}; {len(plan.train)} train / {len(plan.val)} val images; "
@@ -98,7 +103,7 @@ def _probe(plan: Plan, full, model):
 def _results(plan: Plan, full, history: list[dict]) -> FinetuneResult:
     """Verified weights with the new head, class names; the result."""
     from zoo.backends.keras import model_tensors
-    from zoo.finetune.checkpoints import atomic_write_text, read_state
+    from zoo.finetune.checkpoints import read_state
     from zoo.weights import save_weights
 
     cfg, classes = plan.cfg, plan.train.classes
@@ -106,7 +111,6 @@ def _results(plan: Plan, full, history: list[dict]) -> FinetuneResult:
             "training": json.dumps({k: v for k, v in asdict(cfg).items() if k not in ("out", "resume")}),
             "base_weights_sha256": plan.weights.metadata.get("source_sha256", "") if plan.weights else "random-init"}
     out = save_weights(plan.run / "weights.safetensors", plan.spec, model_tensors(full, plan.spec), meta)
-    atomic_write_text(plan.run / "classes.txt", "\n".join(classes) + "\n")
     state = read_state(plan.run / "checkpoints")
     say(f"done: best val accuracy {state.get('best_val_accuracy', 0):.3f} (epoch {state.get('best_epoch')}); weights {out}")
     return FinetuneResult(plan.run, out, classes, plan.trained, plan.cache, history, state.get("best_val_accuracy", 0.0))
