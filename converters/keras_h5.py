@@ -1,33 +1,51 @@
-"""Built-in plugin `h5`: Keras weights in HDF5.
+"""Built-in plugin `h5`: Keras weights in HDF5, and Keras 3's `.keras` archive.
 
-- Keras 3 `model.save_weights("x.weights.h5")`: `layers/<auto name>/vars/0..n`; the layer's real name
-  is the `name` attribute of `vars`.
-- legacy `model.save("x.h5")` (and Keras 2 `save_weights("x.h5")`): `[model_weights/]<layer>/...`
-  with `layer_names` and per-layer `weight_names` attributes.
+- Keras 3 `model.save_weights("x.weights.h5")`: `layers/<class name, numbered>/vars/0..n`; the layer's real
+  name is the `name` attribute of `vars` (written since a Keras 3 release; earlier files lack it).
+- Keras 3 `model.save("x.keras")`: a zip of `metadata.json`, `config.json` and `model.weights.h5` (the layout
+  above), stored uncompressed. The h5 is read where it lies in the mapped archive. `config.json` is only parsed
+  as JSON (nothing in it is deserialized or run): it gives the layers' order and, where `vars` has no `name`,
+  their names.
+- legacy h5, as Keras 1 and 2 `save_weights` and `model.save` (also Keras 3's) write it: `[model_weights/]<layer>`
+  groups, the root's `layer_names` attribute listing the model's layers in order, each group's `weight_names`
+  its datasets by path (`conv1/kernel:0` nested under the group since Keras 2; `block1_conv1_W_1:0` in Keras 1).
 
-Keras' layout is zoo's canonical one, so tensors are taken as they are. A layer's variables are taken
-by position, as Keras itself loads these files (the names inside differ across Keras versions);
-layers are matched to the spec by name, else by order and shape (printed), or by `--map`.
+Keras' layout is zoo's canonical one, so tensors are taken as they are. A layer's variables are taken by
+position, as Keras itself loads these files (the names inside differ across Keras versions). Layers are matched
+to the spec by name, else by order and shape (printed), or by `--map`. Keras loads a legacy file by order: the
+file's layers with weights against the model's, in `model.layers` order. That order is the spec's own for a
+chain, not for a graph with branches, so for files that list the writer's layers in its model order (legacy h5,
+`.keras`) the spec's weighted layers are also tried in the order Keras lists that graph (`keras_order`).
 
 A dataset stored contiguously (h5py's default, and what Keras writes) is taken as a zero-copy view of
 the memory-mapped file, handed to the core as a Deferred copy that lets the source's pages go behind
 it: no copy of the model in memory (ResNet-50: peak 1.7x the file's size before, 100 MB read through
-HDF5 into fresh memory and then copied again). Other layouts (chunked, compressed, compact, external)
-are read through h5py.
+HDF5 into fresh memory and then copied again). Other layouts (chunked, compressed, compact) are read
+through h5py. As Keras' own loader does, links to other files and datasets stored outside the file are
+refused: HDF5 would follow them to any file on disk.
 """
 
 from __future__ import annotations
 
+import io
+import json
 import re
+import struct
+import zipfile
+import zlib
 
 import numpy as np
 
 from zoo.errors import ZooError
 from zoo.hookspecs import hookimpl
 from zoo.layouts import Deferred
-from zoo.sources import Imported, Params, WeightSource, fit_params, map_file, mapping_notes, release_pages
+from zoo.sources import Fit, Imported, Params, WeightSource, fit_params, map_file, mapping_notes, release_pages
+from zoo.spec import ModelSpec
 
 _HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"
+_ZIP_MAGIC = b"PK\x03\x04"
+_WEIGHTS, _CONFIG = "model.weights.h5", "config.json"  # a .keras archive's members (keras.src.saving.saving_lib)
+_INFLATE_LIMIT = 4  # float weights deflate by far less: a compressed member claiming more is corrupt or hostile
 
 
 def _natural(name: str):
@@ -39,15 +57,37 @@ def _text(value) -> str:
     return value.decode("utf8") if isinstance(value, bytes) else str(value)
 
 
+def _names(node, attr: str) -> list[str]:
+    """A list-of-names attribute as Keras' savers write it: whole, or split into attr0, attr1, ... when it
+    would pass HDF5's 64 KB object header limit (legacy_h5_format.load_attributes_from_hdf5_group)."""
+    if attr in node.attrs:
+        return [_text(n) for n in node.attrs[attr]]
+    names, chunk = [], 0
+    while f"{attr}{chunk}" in node.attrs:
+        names += [_text(n) for n in node.attrs[f"{attr}{chunk}"]]
+        chunk += 1
+    return names
+
+
+def _snake(name: str) -> str:
+    """keras.src.utils.naming.to_snake_case: how Keras 3's saver names a layer's h5 group after its class."""
+    name = re.sub(r"\W+", "", name)
+    name = re.sub("(.)([A-Z][a-z]+)", r"\1_\2", name)
+    return re.sub("([a-z])([A-Z])", r"\1_\2", name).lower()
+
+
 class _Reader:
     def __init__(self, path, max_bytes: int, data=b""):
-        self.path, self.max_bytes, self.data = path, max_bytes, data  # data: the mapped file (map_file)
+        self.path, self.max_bytes, self.data = path, max_bytes, data  # data: the mapped file (map_file) or archive member
 
     def array(self, dataset) -> np.ndarray:
         import h5py
 
         if not isinstance(dataset, h5py.Dataset):
             raise ZooError(f"{dataset.name} is not a dataset", self.path)
+        plist = dataset.id.get_create_plist()
+        if plist.get_external_count() or plist.get_layout() == h5py.h5d.VIRTUAL:
+            raise ZooError(f"{dataset.name} is stored in other files; not read", self.path)
         dtype = dataset.dtype
         if not np.issubdtype(dtype, np.floating):
             raise ZooError(f"{dataset.name} is {dtype}, not float", self.path)
@@ -56,59 +96,232 @@ class _Reader:
         if count * dtype.itemsize > self.max_bytes:  # checked before reading: a corrupt header must not allocate gigabytes
             raise ZooError(f"{dataset.name} claims {count * dtype.itemsize:,} bytes, more than any tensor of a registered spec", self.path)
         # stored contiguously, in the IEEE format numpy reads (not a custom float HDF5 would convert): the bytes as they are
-        if (dataset.id.get_create_plist().get_layout() == h5py.h5d.CONTIGUOUS and dataset.id.get_type() == h5py.h5t.py_create(dtype)
+        if (plist.get_layout() == h5py.h5d.CONTIGUOUS and dataset.id.get_type() == h5py.h5t.py_create(dtype)
                 and (offset := dataset.id.get_offset()) is not None and count and offset + count * dtype.itemsize <= len(self.data)):
             return np.frombuffer(self.data, dtype, count, offset).reshape(shape)
         return dataset[()]
 
-    def keras3(self, group, prefix="") -> Params:
+    def member(self, group, path: str):
+        """group[path], a path the file names, resolved as Keras' safe_get_h5_group/dataset do: each part must be
+        there, and a link to another file is refused. Each link is looked at before it is followed (H5Lget_info
+        does not follow the last link of its path), and the object is then opened in one lookup."""
+        import h5py
+
+        parts = path.split("/")
+        for i in range(len(parts)):
+            try:
+                link = group.id.links.get_info("/".join(parts[:i + 1]).encode()) if parts[i] else None
+            except (KeyError, RuntimeError):  # h5py's "name doesn't exist"
+                link = None
+            if link is None:
+                raise ZooError(f"{group.name.rstrip('/')}/{path} is named in the file but not in it", self.path)
+            if link.type == h5py.h5l.TYPE_EXTERNAL:
+                raise ZooError(f"{group.name.rstrip('/')}/{path} links to another file; not read", self.path)
+        return group[path]
+
+    def config_layers(self, config) -> dict[str, tuple[str, dict]]:
+        """{h5 group: (layer name, layer config)} of a Functional or Sequential config, in model.layers order. Keras 3's
+        saver names each group after the layer's class, numbered on repeats (saving_lib._save_container_state)."""
+        out, used = {}, {}
+        try:  # a subclassed model's config has no layers: its groups keep their order and names
+            for layer in (config or {}).get("config", {}).get("layers", ()):
+                key = _snake(layer["class_name"])
+                used[key] = used.get(key, -1) + 1
+                out[f"{key}_{used[key]}" if used[key] else key] = (str(layer["config"]["name"]), layer)
+        except (AttributeError, KeyError, TypeError):
+            raise ZooError(f"{_CONFIG} is not a Keras model's config", self.path) from None
+        return out
+
+    def keras3(self, group, prefix="", config=None) -> Params:
+        named = self.config_layers(config)
         layers = {}
-        for key in sorted(group, key=_natural):
-            sub = group[key]
+        for key in [k for k in named if k in group] + sorted(set(group) - set(named), key=_natural):
+            sub = self.member(group, key)
             members = set(sub)
-            variables = sub["vars"] if "vars" in members else None
-            name = prefix + (key if variables is None else _text(variables.attrs.get("name", key)))
+            variables = self.member(sub, "vars") if "vars" in members else None
+            name, inner = named.get(key, (key, None))
+            name = prefix + (name if variables is None else _text(variables.attrs.get("name", name)))
             if variables is not None and (n := len(variables)):
-                layers[name] = {str(i): self.array(variables[str(i)]) for i in range(n)}
+                layers[name] = {str(i): self.array(self.member(variables, str(i))) for i in range(n)}
             if "layers" in members:  # a nested model
-                layers.update(self.keras3(sub["layers"], name + "/"))
+                layers.update(self.keras3(self.member(sub, "layers"), name + "/", inner))
         return layers
 
     def legacy(self, root) -> Params:
+        if _text(root.attrs.get("backend", "")) == "theano":  # Keras 2 flipped them on loading; Keras 3 does not
+            raise ZooError("written with Keras' Theano backend, whose convolution kernels are flipped; not read", self.path)
         layers = {}
-        for name in (_text(n) for n in root.attrs["layer_names"]):
-            weight_names = [_text(n) for n in root[name].attrs.get("weight_names", [])]
-            if weight_names:  # in the layer's variable order, as Keras' own loader takes them
-                layers[name] = {str(i): self.array(root[name][wn]) for i, wn in enumerate(weight_names)}
+        for name in _names(root, "layer_names"):
+            group = self.member(root, name)
+            weight_names = _names(group, "weight_names")
+            if weight_names:  # Keras' loader skips layers without weights and pairs the rest with the model's in order
+                layers[name] = {str(i): self.array(self.member(group, wn)) for i, wn in enumerate(weight_names)}
         return layers
 
 
-def read_h5_params(path, max_bytes: int, data=b"") -> Params:
-    """{layer: {position: array}}; with `data` (the file, mapped), contiguous datasets are views of it."""
+class _InPlace(io.RawIOBase):
+    """A read-only file over a buffer, for h5py: the archive's h5 is read where it lies, not copied out."""
+
+    def __init__(self, buffer):
+        super().__init__()
+        self.buffer, self.pos = memoryview(buffer), 0
+
+    def readable(self):
+        return True
+
+    def seekable(self):
+        return True
+
+    def tell(self):
+        return self.pos
+
+    def seek(self, offset, whence=io.SEEK_SET):
+        self.pos = offset + (0, self.pos, len(self.buffer))[whence]
+        return self.pos
+
+    def readinto(self, out):
+        chunk = self.buffer[self.pos:self.pos + len(out)]
+        out[:len(chunk)] = chunk
+        self.pos += len(chunk)
+        return len(chunk)
+
+
+def _zip_member(archive: zipfile.ZipFile, name: str, data, path):
+    """A member's bytes: a view of the mapped archive when stored (as Keras stores them), else inflated, bounded."""
+    info = archive.getinfo(name)
+    if info.flag_bits & 1:
+        raise ZooError(f"{name} is encrypted", path)
+    if info.compress_type != zipfile.ZIP_STORED:
+        if info.file_size > _INFLATE_LIMIT * len(data):
+            raise ZooError(f"{name} claims {info.file_size:,} bytes inflated, over {_INFLATE_LIMIT}x the archive", path)
+        return archive.read(name)
+    start = info.header_offset  # the data follows the local header: 30 bytes, the name, an extra field
+    if bytes(data[start:start + 4]) != _ZIP_MAGIC:
+        raise ZooError(f"{name}: no local zip header where the directory says", path)
+    name_len, extra_len = struct.unpack("<HH", data[start + 26:start + 30])
+    begin = start + 30 + name_len + extra_len
+    if begin + info.file_size > len(data):
+        raise ZooError(f"{name} claims {info.file_size:,} bytes past the end of the archive (truncated?)", path)
+    return memoryview(data)[begin:begin + info.file_size]
+
+
+def _keras_archive(path, data):
+    """(model.weights.h5's bytes, config.json parsed) of a `.keras` zip."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = set(archive.namelist())
+            if not {_WEIGHTS, _CONFIG} <= names:
+                npz = " (its weights are model.weights.npz; zoo reads the h5 form)" if "model.weights.npz" in names else ""
+                raise ZooError(f"a zip without {_WEIGHTS} and {_CONFIG}: not a Keras .keras archive{npz}", path)
+            return _zip_member(archive, _WEIGHTS, data, path), json.loads(bytes(_zip_member(archive, _CONFIG, data, path)))
+    except (zipfile.BadZipFile, zlib.error, struct.error, EOFError, NotImplementedError, RuntimeError, ValueError) as e:  # deep JSON: RuntimeError
+        raise ZooError(f"not a readable .keras archive ({type(e).__name__}: {e})", path) from None
+
+
+def read_h5_params(path, max_bytes: int, data=b"") -> tuple[Params, bool]:
+    """({layer: {position: array}}, whether the layers are listed in the writer's model.layers order: legacy
+    files and .keras archives, which Keras loads by that order). With `data` (the file, mapped), contiguous
+    datasets are views of it."""
     import h5py
 
-    reader = _Reader(path, max_bytes, data)
+    h5, config = _keras_archive(path, data) if data[:4] == _ZIP_MAGIC else (data, None)
+    reader = _Reader(path, max_bytes, h5)
     try:
-        with h5py.File(path, "r") as f:
+        with h5py.File(path if config is None else _InPlace(h5), "r") as f:
             if "layers" in f and "layer_names" not in f.attrs:
-                return reader.keras3(f["layers"])
-            root = f["model_weights"] if "model_weights" in f else f
-            if "layer_names" not in root.attrs:
+                return reader.keras3(reader.member(f, "layers"), config=config), bool(reader.config_layers(config))
+            root = reader.member(f, "model_weights") if "model_weights" in f else f
+            if "layer_names" not in root.attrs and "layer_names0" not in root.attrs:
                 raise ZooError("an HDF5 file, but neither Keras 3 weights (layers/...) nor a legacy Keras h5 (layer_names)", path)
-            return reader.legacy(root)
+            return reader.legacy(root), True
     except ZooError:
         raise
     except (OSError, KeyError, ValueError, TypeError, RuntimeError) as e:  # h5py's errors for corrupt files
         raise ZooError(f"not a readable Keras HDF5 file ({type(e).__name__}: {e})", path) from None
 
 
+def keras_order(spec: ModelSpec, swap_adds: bool = False) -> list[str]:
+    """The spec's weighted layers in the order Keras lists a functional model's layers (model.layers, which its h5
+    saver writes and its by-order loader follows; keras.src.ops.function.map_graph, as Keras 2's Network did): by
+    decreasing depth (the longest path to the output), ties in the order a depth-first walk from the output first
+    meets them, each layer's inputs in order. `swap_adds`: each add's inputs the other way round, the same network
+    as another author wired it (Keras 2.2's and Keras 3's keras.applications ResNet50)."""
+    inputs = {n.name: n.inputs[::-1] if swap_adds and n.kind == "add" else n.inputs for n in spec.nodes}
+    depth = dict.fromkeys(inputs, 0)
+    for name in reversed(inputs):  # listed inputs-first: a layer's depth is final before its inputs are reached
+        for i in inputs[name]:
+            if i in depth:
+                depth[i] = max(depth[i], depth[name] + 1)
+    met, stack = {}, [spec.nodes[-1].name]
+    while stack:
+        name = stack.pop()
+        if name in inputs and name not in met:
+            met[name] = len(met)
+            stack += reversed(inputs[name])
+    return sorted((n.name for n in spec.weighted_nodes), key=lambda n: (-depth[n], met[n]))
+
+
+def _keras_order_fit(layers: Params, spec: ModelSpec, path) -> Fit | None:
+    """The fit pairing the file's weighted layers, in its order, with the spec's in keras_order (either way of
+    wiring the adds); None when neither fits. The spec's own order is fit_params' to try."""
+    wanted = [n.name for n in spec.weighted_nodes]
+    weighted = [name for name, arrays in layers.items() if arrays]
+    if len(weighted) != len(wanted):
+        return None
+    orders = {}
+    for swap in (False, True):
+        orders.setdefault(tuple(keras_order(spec, swap)), swap)
+    for order, swap in orders.items():
+        if list(order) == wanted:
+            continue
+        pair = dict(zip(order, weighted))  # spec layer -> the file layer Keras would load into it
+        try:
+            fit = fit_params({pair[w]: layers[pair[w]] for w in wanted}, "keras", spec, path)  # fit_params pairs by position
+        except ZooError:
+            continue
+        wiring = ", its adds' inputs the other way round" if swap else ""
+        fit.notes.append(f"the file lists its layers as Keras lists {spec.id}'s graph{wiring}, and Keras loads it in that order")
+        return fit
+    return None
+
+
+def _fits(layers: Params, spec: ModelSpec, path, ordered: bool) -> bool:
+    try:
+        return bool(fit_params(layers, "keras", spec, path))
+    except ZooError:
+        return ordered and _keras_order_fit(layers, spec, path) is not None
+
+
+def _fit(layers: Params, ordered: bool, candidates: list[ModelSpec], spec, path, mapping) -> Fit:
+    """fit_params (by names, by the spec's order, or the map); else by Keras' order of each spec's graph for files
+    in the writer's model order; else the error, naming the spec when the file is one without its classifier."""
+    try:
+        return fit_params(layers, "keras", spec, path, mapping=mapping, candidates=candidates)
+    except ZooError:
+        if mapping:
+            raise
+        fits = [fit for s in candidates if ordered and (fit := _keras_order_fit(layers, s, path))]
+        if len(fits) == 1:
+            return fits[0]
+        if fits:
+            raise ZooError(f"the weights fit several specs ({', '.join(f.spec.id for f in fits)}); choose one with --spec", path) from None
+        # a stand-in classifier (zero-strided: no memory) tells a file of a spec without its head (Keras' include_top=False)
+        headless = [f"{s.id} without its classifier {s.head}" for s in candidates if s.head not in layers and _fits(
+            layers | {s.head: {str(i): np.broadcast_to(np.float32(0), t.shape) for i, t in enumerate(s.node(s.head).tensors)}}, s, path, ordered)]
+        if headless:
+            raise ZooError(f"the weights are {' or '.join(headless)} (a Keras include_top=False file, _notop); "
+                           "no registered spec is headless", path) from None
+        raise
+
+
 class KerasH5(WeightSource):
     name = "h5"
-    format = "Keras HDF5 weights (.weights.h5, legacy .h5)"
+    format = "Keras HDF5 weights (.weights.h5, legacy Keras 1/2/3 .h5) and Keras 3 .keras archives"
     extensions = (".h5", ".hdf5", ".keras")
 
     def sniff(self, path, head):
-        return head.startswith(_HDF5_MAGIC)
+        # a .keras zip starts with metadata.json ({"keras_version": ...}); the weights come after config.json
+        return head.startswith(_HDF5_MAGIC) or (head.startswith(_ZIP_MAGIC) and (b"keras_version" in head or _WEIGHTS.encode() in head))
 
     def read(self, path, spec, options):
         from zoo.registry import all_specs
@@ -116,10 +329,10 @@ class KerasH5(WeightSource):
         candidates = [spec] if spec else list(all_specs().values())
         largest = max(t.size * np.dtype(np.float64).itemsize for s in candidates for t in s.tensors.values())
         data = map_file(path)
-        layers = read_h5_params(path, largest, data)
+        layers, ordered = read_h5_params(path, largest, data)
         if not layers:
             raise ZooError("holds no layer with weights", path)
-        fit = fit_params(layers, "keras", spec, path, mapping=options.get("map"), candidates=candidates)
+        fit = _fit(layers, ordered, candidates, spec, path, options.get("map"))
         tensors = {name: _copy_of(arr, data) for name, arr in fit.tensors.items()}
         return Imported(fit.spec, tensors, notes=mapping_notes(fit), source_format="keras-h5")
 
