@@ -14,6 +14,7 @@ import numpy as np
 from zoo.errors import ZooError
 from zoo.layouts import Deferred
 from zoo.plugins import PluginInfo, get_plugins
+from zoo.progress import bar
 from zoo.registry import get_spec
 from zoo.spec import ModelSpec
 from zoo.weights import file_digest, save_weights
@@ -122,7 +123,10 @@ def _write(path, output, requested, imported, info, reader, digest) -> ConvertRe
         "weight_source": reader.name,
         "notes": json.dumps(imported.notes),
     }
-    save_weights(output, target, tensors, metadata, pending_digests={"source_sha256": digest} if digest else {})
+    total = sum(int(np.prod(t.shape)) * np.dtype(t.dtype).itemsize for t in tensors.values())
+    with bar(total, f"writing {output.name}", "B") as progress:
+        save_weights(output, target, tensors, metadata, pending_digests={"source_sha256": digest} if digest else {},
+                     on_written=progress.update)
     sha256 = digest.result() if digest else None
     notes = imported.notes + (provenance_notes(target, path.name, sha256) if sha256 else [])
     return ConvertResult(output, target.id, target.fingerprint, reader.name, sha256, target.num_params, notes)

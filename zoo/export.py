@@ -16,6 +16,7 @@ import numpy as np
 
 from zoo.backends.onnx import DEFAULT_OPSET, onnx_graph, write_onnx
 from zoo.errors import ZooError
+from zoo.progress import bar
 from zoo.registry import load_weights
 from zoo.spec import ModelSpec
 from zoo.weights import Weights
@@ -191,9 +192,12 @@ def export(source, formats=FORMATS, out=None, opset: int = DEFAULT_OPSET) -> lis
         return keras_model().predict(check_batch(src.spec), verbose=0)
 
     written = []
-    if "onnx" in formats:
-        written.append(export_onnx(src, out, reference, opset))
-    if "savedmodel" in formats:
-        written.append(export_savedmodel(src, out, keras_model(), reference()))
+    with bar(len(formats), f"exporting to {out}", "format") as progress:
+        if "onnx" in formats:
+            written.append(export_onnx(src, out, reference, opset))
+            progress.update()
+        if "savedmodel" in formats:
+            written.append(export_savedmodel(src, out, keras_model(), reference()))
+            progress.update()
     (out / "classes.txt").write_text("\n".join(src.classes) + "\n")
     return written

@@ -104,7 +104,7 @@ _DIGEST_PLACEHOLDER = "0" * 64
 
 
 def save_weights(path, spec: ModelSpec, tensors: dict[str, np.ndarray | Deferred], metadata: dict[str, str] | None = None,
-                 pending_digests: dict | None = None) -> Path:
+                 pending_digests: dict | None = None, on_written=None) -> Path:
     """Check `tensors` against `spec`, write them atomically as safetensors, read back and verify.
 
     The file is sized up front and memory-mapped; each tensor is copied (or a Deferred computed)
@@ -115,7 +115,7 @@ def save_weights(path, spec: ModelSpec, tensors: dict[str, np.ndarray | Deferred
 
     `pending_digests` maps metadata keys to futures of sha256 hex digests still being computed (the
     source file's hash, on the other core): the header, reserved at a placeholder of the same width,
-    is written last, once they are there.
+    is written last, once they are there. `on_written(nbytes)` is called as each tensor is in place.
     """
     path = Path(path)
     check_tensors(spec, tensors, path, values=False)  # names, shapes, dtypes; values as they are written
@@ -133,7 +133,7 @@ def save_weights(path, spec: ModelSpec, tensors: dict[str, np.ndarray | Deferred
                 os.posix_fallocate(f.fileno(), 0, len(header) + offsets[-1])
             except OSError as e:
                 raise ZooError(f"cannot write: {e.strerror or e}", path) from None
-            not_finite = _place(f, len(header), ordered, offsets)
+            not_finite = _place(f, len(header), ordered, offsets, on_written or (lambda n: None))
             _raise_problems(spec, [f"{name} holds NaN or infinite values" for name in sorted(not_finite)], path)
             for key, future in pending.items():
                 meta[key] = _digest_value(key, future.result(), path)
@@ -163,7 +163,7 @@ def _header(meta: dict[str, str], tensors: dict) -> tuple[bytes, list[int]]:
     return len(text).to_bytes(8, "little") + text, offsets
 
 
-def _place(f, base: int, tensors: dict, offsets: list[int]) -> list[str]:
+def _place(f, base: int, tensors: dict, offsets: list[int], on_written) -> list[str]:
     """Copy or compute each tensor into its place in the mapped file, scan what landed there for NaN/inf
     while it is still in cache, then let its pages go (they stay in the page cache; the process need not
     hold the whole model). Two tensors at a time, largest first: numpy's copies release the GIL, and a
@@ -190,8 +190,12 @@ def _place(f, base: int, tensors: dict, offsets: list[int]) -> list[str]:
             return None if finite else name
 
         items = sorted(zip(tensors, tensors.values(), offsets, offsets[1:]), key=lambda item: item[3] - item[2], reverse=True)
+        not_finite = []
         with ThreadPoolExecutor(2) as pool:
-            return [name for name in pool.map(place, items) if name]
+            for (_, _, start, end), bad in zip(items, pool.map(place, items)):
+                on_written(end - start)  # here, not in the workers: progress is reported from one thread
+                not_finite += [bad] if bad else []
+        return not_finite
 
 
 def _digest_value(key: str, value: str, path: Path) -> str:

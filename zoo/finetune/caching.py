@@ -6,9 +6,10 @@ from __future__ import annotations
 import time
 
 from zoo.graph import cut
+from zoo.progress import bar
 
 
-def features(base, samples, spec, batch_size: int, chunk_images: int = 512):
+def features(base, samples, spec, batch_size: int, chunk_images: int = 512, desc: str = "frozen layers"):
     """The frozen base's output for `samples`, computed once, by chunks whose images are all decoded (tf.data,
     every core) before the forward pass over them starts. Decoding beside the pass stalls oneDNN's
     convolutions, which wait for their slowest thread: for 1,000 AlexNet images on 2 cores the overlapped
@@ -22,10 +23,13 @@ def features(base, samples, spec, batch_size: int, chunk_images: int = 512):
     forward = tf.function(lambda x: base(x, training=False), reduce_retracing=True)
     step = max(1, chunk_images // batch_size) * batch_size  # whole batches, as one dataset would make them
     out = []
-    for i in range(0, len(samples), step):
-        part = Samples(samples.paths[i:i + step], samples.labels[i:i + step], samples.classes)
-        images = [x for x, _ in eval_dataset(part, spec, batch_size)]
-        out += [forward(x).numpy() for x in images]
+    with bar(len(samples), desc, "img") as progress:
+        for i in range(0, len(samples), step):
+            part = Samples(samples.paths[i:i + step], samples.labels[i:i + step], samples.classes)
+            images = [x for x, _ in eval_dataset(part, spec, batch_size)]  # all decoded before the pass (above)
+            for x in images:
+                out.append(forward(x).numpy())
+                progress.update(len(out[-1]))
     return np.concatenate(out)
 
 
@@ -54,9 +58,9 @@ def cached_datasets(plan, base):
 
     cfg, train, val = plan.cfg, plan.train, plan.val
     t = time.perf_counter()
-    train_x = features(base, train, plan.spec, cfg.batch_size)
+    train_x = features(base, train, plan.spec, cfg.batch_size, desc="frozen layers, training images")
     seconds = time.perf_counter() - t
-    val_x = features(base, val, plan.spec, cfg.batch_size)
+    val_x = features(base, val, plan.spec, cfg.batch_size, desc="frozen layers, validation images")
     say(f"cached {plan.trained[0]}'s inputs: {len(train)} training images in {seconds:.1f}s, "
         f"{len(val)} validation in {time.perf_counter() - t - seconds:.1f}s")
     order = np.concatenate([np.random.default_rng([cfg.seed, e]).permutation(len(train)) for e in range(plan.first_epoch, cfg.epochs)])

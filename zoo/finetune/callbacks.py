@@ -13,6 +13,7 @@ import numpy as np
 import tensorflow as tf
 
 from zoo.finetune.checkpoints import atomic_write_text, checkpoint_arrays, read_state, trained_tensors, write_slot
+from zoo.progress import bar
 
 
 class Checkpoint(keras.callbacks.Callback):
@@ -79,34 +80,31 @@ class Histograms(keras.callbacks.Callback):
 
 
 class Progress(keras.callbacks.Callback):
-    """A bar with loss, accuracy and images/s on a terminal; one plain line per epoch otherwise."""
-
-    tty = sys.stdout.isatty()
+    """A bar per epoch (zoo.progress: live on a terminal, periodic lines otherwise), then one line with the
+    epoch's loss, accuracy and images/s, all on stderr (stdout is left to --json)."""
 
     def __init__(self, epochs: int, batch_size: int):
         super().__init__()
         self.epochs, self.batch_size = epochs, batch_size
 
     def on_epoch_begin(self, epoch, logs=None):
-        self.epoch, self.start, self.seen = epoch, time.perf_counter(), 0
+        self.start, self.seen = time.perf_counter(), 0
+        self.bar = bar(self.params.get("steps"), f"  epoch {epoch + 1}/{self.epochs}", "step")
 
     def on_train_batch_end(self, batch, logs=None):
         self.seen += int(logs.get("size", 0)) if logs and "size" in logs else self.batch_size
         self.trained = time.perf_counter()  # images/s counts training steps, not the validation pass
-        if self.tty:
-            rate = self.seen / max(1e-9, time.perf_counter() - self.start)
-            steps = self.params.get("steps") or 0
-            filled = int(20 * (batch + 1) / steps) if steps else 0
-            print(f"\r  epoch {self.epoch + 1}/{self.epochs} [{'=' * filled}{' ' * (20 - filled)}] {batch + 1}/{steps} "
-                  f"loss {logs.get('loss', 0):.4f} acc {logs.get('accuracy', 0):.3f} {rate:.1f} img/s", end="", flush=True)
+        self.bar.update()
+        self.bar.set_postfix_str(f"loss {(logs or {}).get('loss', 0):.4f}")
 
     def on_epoch_end(self, epoch, logs=None):
+        self.bar.close()
         logs = logs or {}
         rate = self.seen / max(1e-9, self.trained - self.start)
         logs["images_per_second"] = rate
-        print(("\r" if self.tty else "") + f"  epoch {epoch + 1}/{self.epochs}: loss {logs.get('loss', 0):.4f} "
-              f"acc {logs.get('accuracy', 0):.3f} val_loss {logs.get('val_loss', 0):.4f} val_acc {logs.get('val_accuracy', 0):.3f} "
-              f"{rate:.1f} img/s", flush=True)
+        print(f"  epoch {epoch + 1}/{self.epochs}: loss {logs.get('loss', 0):.4f} acc {logs.get('accuracy', 0):.3f} "
+              f"val_loss {logs.get('val_loss', 0):.4f} val_acc {logs.get('val_accuracy', 0):.3f} {rate:.1f} img/s",
+              file=sys.stderr, flush=True)
 
 
 def build_callbacks(plan, full_model, probe) -> list:

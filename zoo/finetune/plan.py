@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import fnmatch
 import json
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,7 +15,8 @@ from zoo.graph import INPUT, cut
 
 
 def say(message: str):
-    print(f"zoo: {message}", flush=True)
+    """What the run is doing, on stderr: stdout is left to --json."""
+    print(f"zoo: {message}", file=sys.stderr, flush=True)
 
 
 @dataclass
