@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -226,71 +227,128 @@ def cmd_report(args):
     return 0
 
 
+def _spec_names(**_) -> list[str]:
+    """Shell completion of a model argument: every family and family@version."""
+    from zoo.registry import families
+
+    return sorted({*families(), *(s.id for versions in families().values() for s in versions)})
+
+
+def _sources_and_files(prefix, **kwargs) -> list[str]:
+    """Shell completion of convert's [SOURCE] FILE: the weight sources' names, then files."""
+    from argcomplete.completers import FilesCompleter
+
+    from zoo.conversion import weight_sources
+
+    return [n for n in weight_sources() if n.startswith(prefix)] + list(FilesCompleter()(prefix, **kwargs))
+
+
+def versions() -> list[str]:
+    """zoo's version, the libraries' that decide its numerics, and each external plugin's (no imports)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    from zoo.plugins import get_plugins
+
+    def installed(name):
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return "not installed"
+
+    lines = [f"zoo {__version__}", f"python {sys.version.split()[0]}"]
+    lines += [f"{name} {installed(dist)}" for name, dist in (("tensorflow", "tensorflow-cpu"), ("keras", "keras"), ("onnx", "onnx"),
+              ("onnxruntime", "onnxruntime"), ("numpy", "numpy"), ("safetensors", "safetensors"))]
+    if lines[2].endswith("not installed"):
+        lines[2] = f"tensorflow {installed('tensorflow')}"
+    return lines + [f"plugin {i.name}: {i.package} {i.version}" + (f" (not loaded: {i.error})" if i.error else "")
+                    for i in get_plugins().infos if not i.builtin]
+
+
+class _Versions(argparse.Action):
+    def __call__(self, parser, namespace, values, option_string=None):
+        print("\n".join(versions()))
+        parser.exit()
+
+
+def cmd_completion(args):
+    import argcomplete
+
+    print(argcomplete.shellcode(["zoo"], shell=args.shell))
+    return 0
+
+
+def _command(sub, name: str, func, help: str, example: str, json_output: bool = True, **kwargs) -> argparse.ArgumentParser:
+    p = sub.add_parser(name, help=help, description=help, epilog=f"example: {example}", **kwargs)
+    p.set_defaults(func=func)
+    if json_output:
+        p.add_argument("--json", action="store_true", help="machine-readable output on stdout")
+    return p
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="zoo", description="Versioned model specs, verified weights, fine-tuning and checked exports.")
-    parser.add_argument("--version", action="version", version=f"zoo {__version__}")
+    parser = argparse.ArgumentParser(prog="zoo", description="Versioned model specs, verified weights, fine-tuning and checked exports.",
+                                     epilog="example: zoo convert caffe bvlc_alexnet.npy && zoo finetune alexnet --head 2 "
+                                            "--weights bvlc_alexnet.safetensors --data photos/")
+    parser.add_argument("--version", action=_Versions, nargs=0, help="zoo's, its libraries' and its plugins' versions")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("list", help="model families and their versions")
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(func=cmd_list)
+    _command(sub, "list", cmd_list, "model families and their versions", "zoo list --json")
 
-    p = sub.add_parser("info", help="layers, parameters, preprocessing and provenance of a model spec")
-    p.add_argument("name", help="family (its default version) or family@version")
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(func=cmd_info)
+    p = _command(sub, "info", cmd_info, "layers, parameters, preprocessing and provenance of a model spec", "zoo info resnet50@torchvision")
+    p.add_argument("name", help="family (its default version) or family@version").completer = _spec_names
 
-    p = sub.add_parser("convert", help="convert foreign weights into verified safetensors",
-                       usage="zoo convert [SOURCE] FILE [-o OUT] [--spec NAME@VERSION] [--map MAP.json] [--sha256] [--json]")
-    p.add_argument("args", nargs="+", metavar="[SOURCE] FILE", help="weight source (see `zoo plugins`; recognised from the file when left out) and the file")
+    p = _command(sub, "convert", cmd_convert, "convert foreign weights into verified safetensors",
+                 "zoo convert caffe bvlc_alexnet.npy   (or, the source recognised: zoo convert resnet50-0676ba61.pth)",
+                 usage="zoo convert [SOURCE] FILE [-o OUT] [--spec NAME@VERSION] [--map MAP.json] [--sha256] [--json]")
+    p.add_argument("args", nargs="+", metavar="[SOURCE] FILE",
+                   help="weight source (see `zoo plugins`; recognised from the file when left out) and the file").completer = _sources_and_files
     p.add_argument("-o", "--output", help="output path (default: FILE's stem + .safetensors)")
-    p.add_argument("--spec", help="the spec the weights are for (default: the one whose tensors match)")
+    p.add_argument("--spec", help="the spec the weights are for (default: the one whose tensors match)").completer = _spec_names
     p.add_argument("--map", help="JSON file mapping the file's layer names to the spec's")
     p.add_argument("--sha256", action="store_true", help="record the source's sha256 (done anyway when its name can be "
                    "checked: torch hub's hash prefix, a published file's name)")
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(func=cmd_convert)
 
-    p = sub.add_parser("verify", help="re-check a weights file against its spec")
+    p = _command(sub, "verify", cmd_verify, "re-check a weights file against its spec", "zoo verify bvlc_alexnet.safetensors")
     p.add_argument("file")
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(func=cmd_verify)
 
-    p = sub.add_parser("finetune", help="fine-tune a model on an image folder or list files")
+    p = _command(sub, "finetune", cmd_finetune, "fine-tune a model on an image folder or list files",
+                 "zoo finetune alexnet --head 2 --weights bvlc_alexnet.safetensors --data photos/ --train fc7,fc8")
     add_finetune_arguments(p)  # one per fine-tune option, from zoo.finetune.config
+    next(a for a in p._actions if a.dest == "model").completer = _spec_names
     p.add_argument("--export", help="formats to export at the end: savedmodel,onnx")
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(func=cmd_finetune)
 
-    p = sub.add_parser("export", help="export a run or weights file to SavedModel and/or ONNX, checked against Keras")
+    p = _command(sub, "export", cmd_export, "export a run or weights file to SavedModel and/or ONNX, checked against Keras",
+                 "zoo export runs/finetune --format savedmodel,onnx")
     p.add_argument("source", help="run folder or verified .safetensors")
     p.add_argument("--format", default="savedmodel,onnx", help="comma-separated: savedmodel, onnx")
     p.add_argument("--out", help="output folder (default: exported/ beside the source)")
     p.add_argument("--opset", type=int, default=17, help="ONNX opset (default 17)")
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(func=cmd_export)
 
-    p = sub.add_parser("predict", help="top-k classes of images from an ONNX file, a SavedModel or weights")
+    p = _command(sub, "predict", cmd_predict, "top-k classes of images from an ONNX file, a SavedModel or weights",
+                 "zoo predict runs/finetune/exported/model.onnx photo.jpg photos/ --top 3")
     p.add_argument("model", help="model.onnx, a SavedModel folder, a .safetensors file or a run folder")
-    p.add_argument("images", nargs="+", help="image files or folders")
+    p.add_argument("images", nargs="+", help="image files or folders (searched with their sub-folders)")
     p.add_argument("--top", type=int, default=5)
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(func=cmd_predict)
 
-    p = sub.add_parser("report", help="a run's curves, confusion matrix and most confidently wrong images (RUN/report/)")
+    p = _command(sub, "report", cmd_report, "a run's curves, confusion matrix and most confidently wrong images (RUN/report/)",
+                 "zoo report runs/finetune")
     p.add_argument("run", help="run folder, finished or interrupted")
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(func=cmd_report)
 
-    p = sub.add_parser("plugins", help="loaded plugins, their package, version and what they provide")
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(func=cmd_plugins)
+    _command(sub, "plugins", cmd_plugins, "loaded plugins, their package, version and what they provide", "zoo plugins")
+
+    p = _command(sub, "completion", cmd_completion, "print the shell completion script (commands, options, model names)",
+                 'eval "$(zoo completion bash)"   (zsh: the same; fish: zoo completion fish | source)', json_output=False)
+    p.add_argument("shell", choices=["bash", "zsh", "fish"])
     return parser
 
 
 def main(argv=None) -> int:
     parser = build_parser()
+    if "_ARGCOMPLETE" in os.environ:  # the shell asks for completions (zoo completion SHELL installs the hook)
+        import argcomplete
+
+        argcomplete.autocomplete(parser)
     # `zoo convert` passes options it does not know (--prototxt FILE) to the weight source, which declares them
     args, extra = parser.parse_known_args(argv)
     if extra and args.command != "convert":
@@ -311,6 +369,9 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("zoo: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `zoo ... | head`: the reader left; say nothing more to it
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     except Exception as e:
         if args.debug:
             raise

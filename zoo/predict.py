@@ -20,9 +20,10 @@ class Prediction:
 
 
 def image_files(paths) -> list[Path]:
+    """The given files, and the images in the given folders and their sub-folders (a class-per-folder set)."""
     files = []
     for p in map(Path, paths):
-        files += sorted(f for f in p.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES) if p.is_dir() else [p]
+        files += sorted(f for f in p.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file()) if p.is_dir() else [p]
     return files
 
 

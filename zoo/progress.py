@@ -43,8 +43,8 @@ class Bar:
         self.done += n
         if self.shown is not None:
             self.shown.update(n)
-        elif not QUIET and time.monotonic() - self.started >= self.delay:
-            self.shown = self._tqdm()
+        elif not QUIET and time.monotonic() - self.started >= self.delay and (self.args[0] is None or self.done < self.args[0]):
+            self.shown = self._tqdm()  # only while work remains: a bar born at 100% says nothing
 
     def set_postfix_str(self, text: str) -> None:
         if self.shown is not None:

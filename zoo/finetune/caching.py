@@ -4,6 +4,7 @@ part runs once over the images and training runs on its stored output every epoc
 from __future__ import annotations
 
 import time
+import weakref
 
 from zoo.graph import cut
 from zoo.progress import bar
@@ -16,11 +17,10 @@ def features(base, samples, spec, batch_size: int, chunk_images: int = 512, desc
     pass took 39-48 s, decode plus pass alone 4-6 s plus 22-26 s. A tf.function loop: 35 images/s up to fc6
     here, where Model.predict managed 23."""
     import numpy as np
-    import tensorflow as tf
 
     from zoo.data import Samples, eval_dataset
 
-    forward = tf.function(lambda x: base(x, training=False), reduce_retracing=True)
+    forward = _forward(base)
     step = max(1, chunk_images // batch_size) * batch_size  # whole batches, as one dataset would make them
     out = []
     with bar(len(samples), desc, "img") as progress:
@@ -31,6 +31,21 @@ def features(base, samples, spec, batch_size: int, chunk_images: int = 512, desc
                 out.append(forward(x).numpy())
                 progress.update(len(out[-1]))
     return np.concatenate(out)
+
+
+_FORWARDS = weakref.WeakKeyDictionary()
+
+
+def _forward(base):
+    """One traced inference function per frozen base: training images, validation images and the run's report
+    reuse it (a tf.function made per call retraces, and TensorFlow warns about it). It holds the base weakly,
+    so a finished run's model can still be freed."""
+    import tensorflow as tf
+
+    if base not in _FORWARDS:
+        model = weakref.ref(base)
+        _FORWARDS[base] = tf.function(lambda x: model()(x, training=False), reduce_retracing=True)
+    return _FORWARDS[base]
 
 
 def split_at(model, spec, first_trained: str):
