@@ -57,9 +57,9 @@ class Bar:
         every = 0.1 if self.terminal else LOG_EVERY
         scaled = {"unit_scale": True, "unit_divisor": 1024} if unit == "B" else {}
         shown = tqdm(total=total, desc=desc, unit=unit, file=sys.stderr if self.terminal else _Lines(sys.stderr),
-                     initial=self.done, mininterval=every, maxinterval=max(every, 10.0), dynamic_ncols=self.terminal,
+                     initial=self.done, delay=1e-9, mininterval=every, maxinterval=max(every, 10.0), dynamic_ncols=self.terminal,
                      **scaled, **kwargs)
-        shown.start_t -= time.monotonic() - self.started  # elapsed time from when the work began
+        shown.start_t -= time.monotonic() - self.started  # elapsed time from when the work began (shown from the next redraw)
         return shown
 
     def close(self) -> None:
