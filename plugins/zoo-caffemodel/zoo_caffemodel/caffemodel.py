@@ -44,8 +44,8 @@ def _values(buf: memoryview, wire: int, value, size: str, fixed_wire: int) -> li
 def _blob(buf: memoryview, span) -> np.ndarray:
     dims, legacy, floats, doubles = None, {}, [], []
     for number, wire, value in fields(buf, *span):
-        if number == 7 and wire == LENGTH:  # BlobShape
-            dims = []
+        if number == 7 and wire == LENGTH:  # BlobShape; a message given in parts is merged, as protobuf does
+            dims = dims or []
             for n, w, v in fields(buf, *value):
                 if n == 1:
                     dims += packed_varints(buf, v) if w == LENGTH else [v]
@@ -66,11 +66,12 @@ def _blob(buf: memoryview, span) -> np.ndarray:
     return data.reshape(dims)
 
 
-def _group(buf, span) -> int:
+def _group(buf, span, group: int) -> int:
+    """ConvolutionParameter.group, the last one given (protobuf's rule for a repeated scalar), else `group`."""
     for number, wire, value in fields(buf, *span):
         if number == 5 and wire == VARINT:
-            return value
-    return 1
+            group = value
+    return group
 
 
 def read_layers(buf: memoryview) -> tuple[str, list[CaffeLayer], str]:
@@ -93,7 +94,7 @@ def read_layers(buf: memoryview) -> tuple[str, list[CaffeLayer], str]:
                 elif n == (6 if v1 else 7) and w == LENGTH:
                     layer.blobs.append(_blob(buf, v))
                 elif n == (10 if v1 else 106) and w == LENGTH:
-                    layer.group = _group(buf, v)
+                    layer.group = _group(buf, v, layer.group)
             layers.append(layer)
     if not layers:
         raise WireError("no layers: not a Caffe NetParameter")
