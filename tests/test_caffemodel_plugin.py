@@ -124,3 +124,27 @@ def test_unknown_source_options_are_refused(tmp_path, tiny_spec, cli):
     assert code == 1 and "does not take --protottxt (its options: --prototxt)" in err
     code, _, err = cli("convert", "caffe", tmp_path / "t.caffemodel", "--prototxt", "x")
     assert code == 1 and "does not take --prototxt" in err
+
+
+def test_prototxt_is_read_by_protobuf_with_caffes_schema(tmp_path):
+    """Caffe's own compiled caffe.proto: V1 `layers` with enum types, defaults as Caffe has them, round_mode,
+    and a binary or malformed file refused in one line."""
+    from zoo_caffemodel.prototxt import layer_settings, read_prototxt
+    from zoo_caffemodel.to_spec import spec_layers
+
+    from zoo.errors import ZooError
+
+    (tmp_path / "v1.prototxt").write_text('name: "old"\nlayers { name: "conv1" type: CONVOLUTION convolution_param { num_output: 4 group: 2 } }\n')
+    assert layer_settings(read_prototxt(tmp_path / "v1.prototxt")) == {"conv1": {"type": "CONVOLUTION", "group": 2}}
+    text = ('input: "data" input_dim: 1 input_dim: 3 input_dim: 9 input_dim: 9\n'
+            'layer { name: "p" type: "Pooling" bottom: "data" top: "p" pooling_param { kernel_size: 3 stride: 2 round_mode: FLOOR } }\n'
+            'layer { name: "n" type: "LRN" bottom: "p" top: "n" lrn_param { alpha: 1e-4 } }\n')
+    layers, size = spec_layers(text)
+    assert size == [9, 9] and layers[0] == {"name": "p", "kind": "maxpool", "size": 3, "stride": 2, "pad": 0, "rounding": "floor"}
+    assert layers[1] == {"name": "n", "kind": "lrn", "size": 5, "alpha": 1e-4, "beta": 0.75, "k": 1.0}  # Caffe's defaults
+    (tmp_path / "bin.prototxt").write_bytes(b"\x08\x96\x01\xff\xfe")
+    (tmp_path / "bad.prototxt").write_text("layer { name: ")
+    for name, message in (("bin.prototxt", "not UTF-8 text"), ("bad.prototxt", "not a valid prototxt")):
+        with pytest.raises(ZooError, match=message) as e:
+            read_prototxt(tmp_path / name)
+        assert str(tmp_path / name) in str(e.value) and "\n" not in str(e.value)

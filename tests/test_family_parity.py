@@ -155,28 +155,28 @@ def caffe_tensorflow_blobs(caffemodel, prototxt, shapes: dict) -> dict:
     from zoo_caffemodel.caffemodel import read_layers
     from zoo_caffemodel.prototxt import parse
 
-    entries = {e["name"][0]: e for e in parse(prototxt.read_text())["layer"]}
+    entries = {e.name: e for e in parse(prototxt.read_text()).layer}
     _, layers, _ = read_layers(memoryview(caffemodel.read_bytes()))
     out, batchnorm_of = {}, {}  # the BatchNorm whose output blob a Scale layer reads
     for layer in layers:
         if not layer.blobs:
             continue
-        kind, entry = entries[layer.name]["type"][0], entries[layer.name]
+        kind, entry = entries[layer.name].type, entries[layer.name]
         blobs = [np.array(blob, np.float32) for blob in layer.blobs]
         if kind == "BatchNorm":
             mean, variance, factor = blobs
             f = 0.0 if factor[0] == 0 else 1.0 / factor[0]
             out[layer.name] = {"mean": mean * f, "variance": variance * f}
-            batchnorm_of[entry["top"][0]] = layer.name
+            batchnorm_of[entry.top[0]] = layer.name
             continue
         if kind == "Scale":
-            out[batchnorm_of[entry["bottom"][0]]] |= {"scale": blobs[0], "offset": blobs[1]}
+            out[batchnorm_of[entry.bottom[0]]] |= {"scale": blobs[0], "offset": blobs[1]}
             continue
         w = blobs[0]
         if kind == "Convolution":
             w = w.transpose(2, 3, 1, 0)
         elif kind == "InnerProduct":
-            bottom = shapes[entry["bottom"][0]]
+            bottom = shapes[entry.bottom[0]]
             if len(bottom) == 4:  # implicit flatten of an N,C,H,W map: rows C,H,W -> H,W,C
                 _, c, h, wd = bottom
                 w = w.reshape(-1, c, h, wd).transpose(2, 3, 1, 0).reshape(h * wd * c, -1)

@@ -16,7 +16,7 @@ from zoo.hookspecs import hookimpl
 from zoo.sources import Imported, WeightSource, fit_params, map_file, mapping_notes, release_pages
 from zoo.weights import file_digest
 from zoo_caffemodel.caffemodel import read_layers
-from zoo_caffemodel.prototxt import layer_settings
+from zoo_caffemodel.prototxt import layer_settings, read_prototxt
 from zoo_caffemodel.to_spec import layer_name
 from zoo_caffemodel.wire import WireError
 
@@ -36,10 +36,7 @@ def genuine_notes(spec, path: Path) -> list[str]:
 
 
 def prototxt_notes(spec, prototxt, layers) -> list[str]:
-    try:
-        settings = layer_settings(Path(prototxt).read_text(), prototxt)
-    except OSError as e:
-        raise ZooError(f"cannot read prototxt: {e.strerror}", prototxt) from None
+    settings = layer_settings(read_prototxt(prototxt))
     notes = []
     for node in spec.weighted_nodes:
         if node.name not in settings:

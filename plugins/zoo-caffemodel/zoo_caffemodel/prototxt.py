@@ -1,57 +1,60 @@
-"""Enough of protobuf's text format to read a deploy.prototxt: layers with name, type and group."""
+"""deploy.prototxt files, read by the protobuf library with Caffe's own schema.
+
+caffe.proto.pb is the compiled caffe/proto/caffe.proto of Caffe 1.0 (BSD 2-Clause), taken from
+Debian's python3-caffe 1.0.0+git20180821 (`caffe_pb2.DESCRIPTOR.serialized_pb`): every message, field
+and default exactly as Caffe parses them, V1 `layers` included; no hand-written text parser.
+"""
 
 from __future__ import annotations
 
-import re
+from functools import cache
+from importlib.resources import files
+from pathlib import Path
+
+from google.protobuf import descriptor_pb2, descriptor_pool, message_factory, text_format
 
 from zoo.errors import ZooError
 
-_TOKEN = re.compile(r'\s*(?:(#[^\n]*)|("(?:[^"\\]|\\.)*"|\'(?:[^\'\\]|\\.)*\')|([{}:])|([^\s{}:"\']+))')
+
+@cache
+def message_class(name: str):
+    """The protobuf class of Caffe's message `name` (NetParameter, LayerParameter, ...)."""
+    return message_factory.GetMessageClass(_pool().FindMessageTypeByName(f"caffe.{name}"))
 
 
-def parse(text: str, path=None) -> dict:
-    """Nested dicts of lists: {"layer": [{"name": ["conv1"], "convolution_param": [{"group": ["2"]}]}, ...]}."""
-    tokens = []
-    for comment, string, punct, word in _TOKEN.findall(text):
-        if comment:
-            continue
-        tokens.append(string[1:-1] if string else punct or word)
-    pos = 0
-
-    def message(closing: bool) -> dict:
-        nonlocal pos
-        out: dict = {}
-        while pos < len(tokens):
-            key = tokens[pos]
-            if key == "}":
-                if not closing:
-                    raise ZooError("unbalanced '}' in prototxt", path)
-                pos += 1
-                return out
-            pos += 1
-            if pos < len(tokens) and tokens[pos] == ":":
-                pos += 1
-            if pos >= len(tokens):
-                raise ZooError(f"prototxt ends after {key!r}", path)
-            if tokens[pos] == "{":
-                pos += 1
-                out.setdefault(key, []).append(message(True))
-            else:
-                out.setdefault(key, []).append(tokens[pos])
-                pos += 1
-        if closing:
-            raise ZooError("prototxt ends inside a message", path)
-        return out
-
-    return message(False)
+@cache
+def _pool():
+    pool = descriptor_pool.DescriptorPool()
+    pool.Add(descriptor_pb2.FileDescriptorProto.FromString(files(__package__).joinpath("caffe.proto.pb").read_bytes()))
+    return pool
 
 
-def layer_settings(text: str, path=None) -> dict[str, dict]:
+def parse(text: str, path=None):
+    """A prototxt's NetParameter message."""
+    try:
+        return text_format.Parse(text, message_class("NetParameter")())
+    except text_format.ParseError as e:
+        raise ZooError(f"not a valid prototxt: {e}", path) from None
+
+
+def read_prototxt(path):
+    try:
+        text = Path(path).read_bytes().decode("utf-8")
+    except OSError as e:
+        raise ZooError(f"cannot read prototxt: {e.strerror or e}", path) from None
+    except UnicodeDecodeError:
+        raise ZooError("not a prototxt: not UTF-8 text (a binary file?)", path) from None
+    return parse(text, path)
+
+
+def layer_type(layer) -> str:
+    """A layer's type by name: LayerParameter's string, or V1LayerParameter's enum name."""
+    if isinstance(layer.type, str):
+        return layer.type
+    return layer.DESCRIPTOR.fields_by_name["type"].enum_type.values_by_number[layer.type].name
+
+
+def layer_settings(net) -> dict[str, dict]:
     """{layer name as specs write it ("/" as "_"): {"type": ..., "group": int}} for `layer` and V1 `layers` entries."""
-    net = parse(text, path)
-    out = {}
-    for entry in net.get("layer", []) + net.get("layers", []):
-        name = entry.get("name", [""])[0]
-        conv = (entry.get("convolution_param") or [{}])[0]
-        out[name.replace("/", "_")] = {"type": entry.get("type", [""])[0], "group": int(conv.get("group", ["1"])[0])}  # spec names
-    return out
+    return {layer.name.replace("/", "_"): {"type": layer_type(layer), "group": layer.convolution_param.group}
+            for layer in [*net.layer, *net.layers]}

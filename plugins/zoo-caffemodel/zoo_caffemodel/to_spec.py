@@ -10,6 +10,8 @@ logits). Pooling rounds up, as Caffe does.
 
 from __future__ import annotations
 
+import numpy as np
+
 from zoo.errors import ZooError
 from zoo_caffemodel.prototxt import parse
 
@@ -18,79 +20,85 @@ def layer_name(caffe_name: str) -> str:
     return caffe_name.replace("/", "_")
 
 
-def _one(msg: dict, key: str, default=None, cast=int):
-    values = msg.get(key)
-    return cast(values[0]) if values else default
+def _decimal(value: float) -> float:
+    """A float field as the prototxt wrote it: protobuf holds it as float32 (1e-5 comes back as
+    9.99999974e-06); the shortest decimal that is that float32 keeps specs and fingerprints as written."""
+    return float(str(np.float32(value)))
 
 
-def _param(entry: dict, key: str) -> dict:
-    return (entry.get(key) or [{}])[0]
+def _enum(param, field: str) -> str:
+    return param.DESCRIPTOR.fields_by_name[field].enum_type.values_by_number[getattr(param, field)].name
 
 
-def _window(p: dict, what: str) -> dict:
-    """kernel/stride/pad of a convolution_param or pooling_param, square or _h/_w."""
-    def get(key, default):
-        if f"{key}_h" in p:
-            return [_one(p, f"{key}_h"), _one(p, f"{key}_w")]
-        return _one(p, key if key != "kernel" else "kernel_size", default)
-    return {what: get("kernel", None), "stride": get("stride", 1), "pad": get("pad", 0)}
+def _side(param, key: str, repeated: bool, default):
+    """kernel/stride/pad of a convolution_param (repeated fields) or pooling_param: square or [h, w]."""
+    if param.HasField(f"{key}_h") or param.HasField(f"{key}_w"):
+        return [getattr(param, f"{key}_h"), getattr(param, f"{key}_w")]
+    field = "kernel_size" if key == "kernel" else key
+    if not repeated:
+        return getattr(param, field) if param.HasField(field) or default is None else default
+    values = list(getattr(param, field))
+    return default if not values else values[0] if len(values) == 1 else values
 
 
-def _translate(kind: str, entry: dict) -> dict | None:
+def _window(param, what: str, repeated: bool) -> dict:
+    return {what: _side(param, "kernel", repeated, None), "stride": _side(param, "stride", repeated, 1),
+            "pad": _side(param, "pad", repeated, 0)}
+
+
+def _pooling(p) -> dict:
+    mode = _enum(p, "pool")
+    if mode not in ("MAX", "AVE"):
+        raise ValueError(f"pooling {mode} is not supported")
+    if p.global_pooling:
+        if mode != "AVE":
+            raise ValueError("global max pooling is not supported")
+        return {"kind": "global_avgpool"}
+    rounding = "floor" if _enum(p, "round_mode") == "FLOOR" else "ceil"  # Caffe's default is CEIL
+    return {"kind": "maxpool" if mode == "MAX" else "avgpool", **_window(p, "size", repeated=False), "rounding": rounding}
+
+
+def _translate(kind: str, entry) -> dict | None:
     if kind == "Convolution":
-        p = _param(entry, "convolution_param")
-        return {"kind": "conv", "filters": _one(p, "num_output"), **_window(p, "kernel"), "groups": _one(p, "group", 1),
-                "bias": _one(p, "bias_term", True, lambda v: v == "true")}
+        p = entry.convolution_param
+        return {"kind": "conv", "filters": p.num_output, **_window(p, "kernel", repeated=True), "groups": p.group, "bias": p.bias_term}
     if kind == "InnerProduct":
-        p = _param(entry, "inner_product_param")
-        return {"kind": "dense", "units": _one(p, "num_output"), "bias": _one(p, "bias_term", True, lambda v: v == "true")}
+        return {"kind": "dense", "units": entry.inner_product_param.num_output, "bias": entry.inner_product_param.bias_term}
     if kind == "Pooling":
-        p = _param(entry, "pooling_param")
-        mode = _one(p, "pool", "MAX", str)
-        if mode not in ("MAX", "AVE"):
-            raise ValueError(f"pooling {mode} is not supported")
-        if _one(p, "global_pooling", False, lambda v: v == "true"):
-            if mode != "AVE":
-                raise ValueError("global max pooling is not supported")
-            return {"kind": "global_avgpool"}
-        return {"kind": "maxpool" if mode == "MAX" else "avgpool", **_window(p, "size"), "rounding": "ceil"}
+        return _pooling(entry.pooling_param)
     if kind == "LRN":
-        p = _param(entry, "lrn_param")
-        if _one(p, "norm_region", "ACROSS_CHANNELS", str) != "ACROSS_CHANNELS":
+        p = entry.lrn_param
+        if _enum(p, "norm_region") != "ACROSS_CHANNELS":
             raise ValueError("only ACROSS_CHANNELS LRN is supported")
-        return {"kind": "lrn", "size": _one(p, "local_size", 5), "alpha": _one(p, "alpha", 1.0, float),
-                "beta": _one(p, "beta", 0.75, float), "k": _one(p, "k", 1.0, float)}
+        return {"kind": "lrn", "size": p.local_size, "alpha": _decimal(p.alpha), "beta": _decimal(p.beta), "k": _decimal(p.k)}
     if kind == "ReLU":
-        if _one(_param(entry, "relu_param"), "negative_slope", 0.0, float) != 0:
+        if entry.relu_param.negative_slope != 0:
             raise ValueError("leaky ReLU is not supported")
         return {"kind": "relu"}
     if kind == "Dropout":
-        return {"kind": "dropout", "rate": _one(_param(entry, "dropout_param"), "dropout_ratio", 0.5, float)}
+        return {"kind": "dropout", "rate": _decimal(entry.dropout_param.dropout_ratio)}
     if kind == "Concat":
-        if _one(_param(entry, "concat_param"), "axis", 1) != 1:
+        if entry.concat_param.axis != 1:
             raise ValueError("concatenation is supported along the channels only")
         return {"kind": "concat"}
     if kind == "Eltwise":
-        p = _param(entry, "eltwise_param")
-        if _one(p, "operation", "SUM", str) != "SUM" or "coeff" in p:
+        if _enum(entry.eltwise_param, "operation") != "SUM" or len(entry.eltwise_param.coeff):
             raise ValueError("only a plain SUM Eltwise is supported")
         return {"kind": "add"}
     if kind == "BatchNorm":
-        eps = _one(_param(entry, "batch_norm_param"), "eps", 1e-5, float)
-        return {"kind": "batchnorm", "epsilon": eps, "scale": False, "center": False}
+        return {"kind": "batchnorm", "epsilon": _decimal(entry.batch_norm_param.eps), "scale": False, "center": False}
     if kind == "Scale":
-        return {"kind": "scale", "bias": _one(_param(entry, "scale_param"), "bias_term", False, lambda v: v == "true")}
+        return {"kind": "scale", "bias": entry.scale_param.bias_term}
     if kind in ("Input", "Softmax"):
         return None
     raise ValueError(f"layer type {kind} is not supported")
 
 
-def input_size(net: dict) -> list[int]:
-    dims = [int(d) for d in net.get("input_dim", [])]
+def input_size(net) -> list[int]:
+    dims = list(net.input_dim)
     if not dims:
-        shapes = net.get("input_shape") or [_param(e, "input_param").get("shape", [{}])[0]
-                                            for e in net.get("layer", []) if _one(e, "type", "", str) == "Input"]
-        dims = [int(d) for d in (shapes[0].get("dim", []) if shapes else [])]
+        shapes = list(net.input_shape) or [e.input_param.shape[0] for e in net.layer if e.type == "Input" and e.input_param.shape]
+        dims = list(shapes[0].dim) if shapes else []
     if len(dims) != 4 or dims[1] != 3:
         raise ZooError(f"no 1x3xHxW input declared (found {dims})")
     return dims[2:]
@@ -101,13 +109,13 @@ def spec_layers(text: str, path=None) -> tuple[list[dict], list[int]]:
     net = parse(text, path)
     writer = {}  # blob -> the zoo layer that last wrote it
     layers = []
-    for entry in net.get("layer", []):
-        kind, name = _one(entry, "type", "", str), layer_name(_one(entry, "name", "", str))
+    for entry in net.layer:
+        kind, name = entry.type, layer_name(entry.name)
         try:
             layer = _translate(kind, entry)
         except ValueError as e:
             raise ZooError(f"layer {name!r} ({kind}): {e}", path) from None
-        bottoms, tops = entry.get("bottom", []), entry.get("top", [])
+        bottoms, tops = list(entry.bottom), list(entry.top)
         if layer is None:
             if kind == "Softmax" and tops:
                 writer[tops[0]] = writer.get(bottoms[0], "input")
