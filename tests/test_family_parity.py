@@ -140,10 +140,13 @@ def _narrow_specs():
     register_narrow_specs()
 
 
-def caffe_tensorflow_npy(name, path):
-    """The narrow net's .caffemodel as caffe-tensorflow's .npy (np.save of caffe_tensorflow_blobs)."""
+def caffe_tensorflow_npy(name, path, lists: bool = False):
+    """The narrow net's .caffemodel as caffe-tensorflow's .npy (np.save of caffe_tensorflow_blobs); `lists`:
+    as caffe-tensorflow wrote it before May 2016 (bvlc_alexnet.npy's form: [weights, biases] per layer, no
+    batch norm support yet)."""
     shapes = json.loads((CAFFE / f"{name}_narrow_shapes.json").read_text())  # every blob's shape, as Caffe computed it
-    np.save(path, caffe_tensorflow_blobs(CAFFE / f"{name}_narrow.caffemodel", CAFFE / f"{name}_narrow.prototxt", shapes))
+    blobs = caffe_tensorflow_blobs(CAFFE / f"{name}_narrow.caffemodel", CAFFE / f"{name}_narrow.prototxt", shapes)
+    np.save(path, {k: [v["weights"], v["biases"]] for k, v in blobs.items()} if lists else blobs)
     return path
 
 
@@ -199,10 +202,11 @@ def caffe_converted(tmp_path_factory):
             register_narrow_specs()
             folder = tmp_path_factory.mktemp(f"caffe-{name}-{path}")
             spec = f"{name}-narrow@test"
-            if path == "caffemodel":
-                result = convert("caffemodel", CAFFE / f"{name}_narrow.caffemodel", folder / "w.safetensors", "--spec", spec)
+            if path.startswith("caffemodel"):  # caffemodel-v1: the same blobs as old Caffe wrote them (tests/references/caffe_v1.py)
+                file = f"{name}_narrow{path.removeprefix('caffemodel').replace('-', '_')}.caffemodel"
+                result = convert("caffemodel", CAFFE / file, folder / "w.safetensors", "--spec", spec)
             else:
-                npy = caffe_tensorflow_npy(name, folder / f"{name}_narrow.npy")
+                npy = caffe_tensorflow_npy(name, folder / f"{name}_narrow.npy", lists=path == "npy-lists")
                 result = convert("caffe", npy, folder / "w.safetensors", "--spec", spec)
                 npy.unlink()
             assert result["spec"] == spec, result
@@ -213,13 +217,13 @@ def caffe_converted(tmp_path_factory):
 
 
 CAFFE_CASES = [pytest.param(name, path, runtime, id=f"{name}-{path}-{runtime}", marks=_marks(name))
-               for name in CAFFE_NETS for path in ("caffemodel", "npy")
-               for runtime in RUNTIMES]
+               for name in CAFFE_NETS for path in ("caffemodel", "npy") + (("npy-lists",) if name != "resnet50" else ())
+               + (("caffemodel-v1",) if name == "alexnet" else ()) for runtime in RUNTIMES]
 
 
 @pytest.mark.parametrize("name, path, runtime", CAFFE_CASES)
 def test_caffe_narrow_parity(name, path, runtime, caffe_converted, tmp_path):
-    want = np.load(CAFFE / f"{name}_narrow_outputs.npz")["logits"]
+    want = np.load(CAFFE / f"{name}_narrow{'_v1' if path == 'caffemodel-v1' else ''}_outputs.npz")["logits"]  # Caffe's own run
     size = 227 if name in ("alexnet", "caffenet") else 224
     x = np.ascontiguousarray(np.load(CAFFE / f"photos{size}.npy").transpose(0, 2, 3, 1))
     got = logits_in(runtime, caffe_converted(name, path), x, tmp_path)
