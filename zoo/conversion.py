@@ -13,9 +13,10 @@ import numpy as np
 
 from zoo.errors import ZooError
 from zoo.layouts import Deferred
-from zoo.plugins import PluginInfo, get_plugins
+from zoo.plugins import PluginFailure, PluginInfo, call, get_plugins, warn
 from zoo.progress import bar
 from zoo.registry import get_spec
+from zoo.sources import Imported, WeightSource
 from zoo.spec import ModelSpec
 from zoo.weights import file_digest, save_weights
 
@@ -34,17 +35,11 @@ class ConvertResult:
         return {k: str(v) if isinstance(v, Path) else v for k, v in self.__dict__.items()}
 
 
-def weight_sources() -> dict[str, tuple[PluginInfo, object]]:
-    sources = {}
-    for info, source in get_plugins().collect("zoo_weight_sources"):
-        if source.name in sources:
-            info.error = f"weight source {source.name!r} is already provided by plugin {sources[source.name][0].name!r}"
-            continue
-        sources[source.name] = (info, source)
-    return sources
+def weight_sources() -> dict[str, tuple[PluginInfo, WeightSource]]:
+    return get_plugins().provided("zoo_weight_sources")
 
 
-def pick_source(path: Path, name: str | None):
+def pick_source(path: Path, name: str | None) -> tuple[PluginInfo, WeightSource]:
     sources = weight_sources()
     if name:
         if name not in sources:
@@ -52,10 +47,19 @@ def pick_source(path: Path, name: str | None):
         return sources[name]
     with open(path, "rb") as f:
         head = f.read(4096)
-    found = [entry for entry in sources.values() if entry[1].sniff(path, head)]
+    found, failed = [], []
+    for info, source in sources.values():
+        try:  # one plugin's broken sniff must not stop the others recognising the file
+            if call(info, f"weight source {source.name!r} recognising the file", lambda s=source: bool(s.sniff(path, head))):
+                found.append((info, source))
+        except PluginFailure as e:
+            failed.append(e)
     if len(found) != 1:
         what = "no weight source recognises it" if not found else "several sources claim it: " + ", ".join(s.name for _, s in found)
-        raise ZooError(f"{what}; name one: zoo convert {{{','.join(sorted(sources))}}} {path}", path)
+        broken = f" ({'; '.join(e.args[0] for e in failed)})" if failed else ""
+        raise ZooError(f"{what}{broken}; name one: zoo convert {{{','.join(sorted(sources))}}} {path}", path)
+    for e in failed:
+        warn(e)
     return found[0]
 
 
@@ -94,7 +98,8 @@ def convert(path, source: str | None = None, output=None, spec: str | ModelSpec 
     with ThreadPoolExecutor(1) as pool:
         digest = pool.submit(file_digest, path) if (wants_sha256(path.name) if sha256 is None else sha256) else None
         try:
-            imported = reader.read(path, requested, dict(options or {}))
+            imported = call(info, f"weight source {reader.name!r} reading the file", reader.read, path, requested,
+                            dict(options or {}), expected=(ZooError, OSError), returns=Imported, path=path)
         except OSError as e:
             raise ZooError(f"cannot read: {e.strerror or e}", path) from None
         result = _write(path, output, requested, imported, info, reader, digest)
