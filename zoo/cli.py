@@ -227,6 +227,25 @@ def cmd_report(args):
     return 0
 
 
+def cmd_bench(args):
+    from zoo.bench import bench
+
+    result = bench(args.model, batches=[int(b) for b in args.batch.split(",")],
+                   runtimes=[r.strip() for r in args.runtimes.split(",")] if args.runtimes else None, seconds=args.seconds)
+    if args.json:
+        _print_json(result)
+        return 0
+    limit = result["rows"][0]["limit_images_per_second"] if result["rows"] else 0
+    print(f"{result['model']}: {result['gmacs_per_image']:.2f} GMAC an image; peak {result['peak_gflops']:.0f} GFLOP/s "
+          f"({result['peak_how']}): at most {limit:.1f} images/s")
+    print(f"{'runtime':<11} {'batch':>5} {'images/s':>9} {'p10-p90':>13} {'latency ms':>10} {'of limit':>8} {'peak MB':>8}")
+    for r in result["rows"]:
+        low, high = r["spread"]
+        print(f"{r['runtime']:<11} {r['batch']:>5} {r['images_per_second']:>9.1f} {f'{low:.1f}-{high:.1f}':>13} {r['latency_ms']:>10.1f} "
+              f"{r['images_per_second'] / r['limit_images_per_second']:>8.0%} {r['peak_memory_mb']:>8.0f}")
+    return 0
+
+
 def _spec_names(**_) -> list[str]:
     """Shell completion of a model argument: every family and family@version."""
     from zoo.registry import families
@@ -334,6 +353,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = _command(sub, "report", cmd_report, "a run's curves, confusion matrix and most confidently wrong images (RUN/report/)",
                  "zoo report runs/finetune")
     p.add_argument("run", help="run folder, finished or interrupted")
+
+    p = _command(sub, "bench", cmd_bench, "forward speed in each runtime (Keras, SavedModel, ONNX Runtime) against the CPU's arithmetic limit",
+                 "zoo bench runs/finetune --batch 1,32   (or a spec: zoo bench resnet50@torchvision --runtimes onnx)")
+    p.add_argument("model", help="a spec (seeded weights), weights file, run folder, export folder, model.onnx or SavedModel").completer = _spec_names
+    p.add_argument("--batch", default="1,32", help="batch sizes, comma-separated (default 1,32)")
+    p.add_argument("--runtimes", help="comma-separated: keras, savedmodel, onnx (default: every one the model can run in)")
+    p.add_argument("--seconds", type=float, default=3.0, help="least timed seconds per measurement (default 3)")
 
     _command(sub, "plugins", cmd_plugins, "loaded plugins, their package, version and what they provide", "zoo plugins")
 

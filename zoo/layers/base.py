@@ -84,6 +84,11 @@ class Kind:
         """{param: (canonical shape, layout name)}, in Keras' variable order."""
         return {}
 
+    def macs(self, node: Node) -> int:
+        """Multiply-accumulates per image: the arithmetic that bounds a forward pass (zoo bench's limit).
+        Kinds without weights do a few operations per value, negligible next to convs and dense layers."""
+        return 0
+
     # --- foreign files ----------------------------------------------------------------------------
 
     def names_in(self, convention: str, node: Node) -> dict[str, str]:

@@ -8,6 +8,7 @@ bias (filters,). Group g reads input channels [g*in/G, (g+1)*in/G) and writes ou
 
 from __future__ import annotations
 
+import math
 from functools import cache
 
 from zoo.layers.base import REQUIRED, Kind, Node, spatial
@@ -37,6 +38,10 @@ class Conv(Kind):
         (kh, kw), *_ = geometry(cfg, "kernel", shapes[0][:2])
         out = {"kernel": ((kh, kw, c // cfg["groups"], cfg["filters"]), "HWIO")}
         return out | ({"bias": ((cfg["filters"],), "O")} if cfg["bias"] else {})
+
+    def macs(self, node: Node) -> int:
+        h, w, _ = node.output_shape
+        return h * w * math.prod(node.params["kernel"].shape)  # each output position: one kernel's worth per filter
 
     def keras(self, node: Node):
         cfg = node.config

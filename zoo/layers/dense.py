@@ -7,6 +7,8 @@ Keras' flatten order; Caffe and PyTorch flatten C,H,W, so their rows are reorder
 
 from __future__ import annotations
 
+import math
+
 from zoo.layers.base import REQUIRED, Kind, Node
 
 
@@ -28,6 +30,9 @@ class Dense(Kind):
     def params(self, cfg, shapes):
         out = {"kernel": ((shapes[0][0], cfg["units"]), "IO")}
         return out | ({"bias": ((cfg["units"],), "O")} if cfg["bias"] else {})
+
+    def macs(self, node: Node) -> int:
+        return math.prod(node.params["kernel"].shape)
 
     def rows_chw(self, node: Node, param):
         if node.flattened_from:  # a foreign row holds the flattened map in C,H,W order
