@@ -10,6 +10,11 @@ B) torchvision: full-size resnet50, vgg16 and alexnet state dicts (tests/seeded.
    Keras and ONNX Runtime against torchvision's logits; and zoo's eval preprocessing against torchvision's
    transforms on the same photos.
 
+C) Readers of zoo's ONNX that are not zoo's own: OpenCV's DNN module and OpenVINO (CPU, f32 inference:
+   its default on AVX-512 machines is bfloat16, 6e-3 off) run the same ONNX files for every family (the
+   narrow Caffe nets from their .caffemodel, torchvision's resnet50 and alexnet at full size) against the
+   same references.
+
 Bound everywhere: max |zoo - reference| <= 1e-4 of the reference logits' largest magnitude, and the same
 top-5 classes in the same order for every image. Each weights file is converted once per module.
 """
@@ -32,6 +37,7 @@ PHOTOS = DATA / "photos"
 
 TORCH_NETS = ("resnet50", "vgg16", "alexnet")
 RUNTIMES = ("keras", "onnx")
+READERS = ("opencv", "openvino")  # other programs' ONNX readers
 SLOW = {"vgg16"}
 BOUND = 1e-4
 
@@ -102,9 +108,9 @@ def keras_logits(weights, x):
         gc.collect()
 
 
-def onnx_logits(weights, x, folder):
+def onnx_logits(weights, x, folder, runtime="onnx"):
+    """Logits of zoo's ONNX for `weights` on `x` (NHWC, preprocessed) in ONNX Runtime, OpenCV or OpenVINO."""
     import onnx
-    import onnxruntime as ort
 
     from zoo.backends.onnx import onnx_graph, write_onnx
     from zoo.export import open_source
@@ -116,19 +122,42 @@ def onnx_logits(weights, x, folder):
     del src, model, inits
     try:
         onnx.checker.check_model(str(path), full_check=True)
-        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-        (name,) = [i.name for i in session.get_inputs()]
-        assert name == "image", f"ONNX input is {name!r}"
-        logits = session.run(["logits"], {"image": x})[0]
-        del session
-        return logits
+        return ONNX_READERS[runtime](str(path), x)
     finally:
         path.unlink(missing_ok=True)
         gc.collect()
 
 
+def _onnxruntime(path, x):
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    (name,) = [i.name for i in session.get_inputs()]
+    assert name == "image", f"ONNX input is {name!r}"
+    return session.run(["logits"], {"image": x})[0]
+
+
+def _opencv(path, x):
+    import cv2
+
+    net = cv2.dnn.readNetFromONNX(path)  # raises naming the node it cannot import
+    net.setInput(x, "image")
+    return net.forward("logits")
+
+
+def _openvino(path, x):
+    import openvino as ov
+
+    core = ov.Core()
+    compiled = core.compile_model(core.read_model(path), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    return compiled(x)[compiled.output("logits")]
+
+
+ONNX_READERS = {"onnx": _onnxruntime, "opencv": _opencv, "openvino": _openvino}
+
+
 def logits_in(runtime, weights, x, folder):
-    return keras_logits(weights, x) if runtime == "keras" else onnx_logits(weights, x, folder)
+    return keras_logits(weights, x) if runtime == "keras" else onnx_logits(weights, x, folder, runtime)
 
 
 # --- A) BVLC Caffe, narrow variants -------------------------------------------------------------------
@@ -219,6 +248,8 @@ def caffe_converted(tmp_path_factory):
 CAFFE_CASES = [pytest.param(name, path, runtime, id=f"{name}-{path}-{runtime}", marks=_marks(name))
                for name in CAFFE_NETS for path in ("caffemodel", "npy") + (("npy-lists",) if name != "resnet50" else ())
                + (("caffemodel-v1",) if name == "alexnet" else ()) for runtime in RUNTIMES]
+CAFFE_CASES += [pytest.param(name, "caffemodel", reader, id=f"{name}-caffemodel-{reader}", marks=_marks(name))
+                for name in CAFFE_NETS for reader in READERS]
 
 
 @pytest.mark.parametrize("name, path, runtime", CAFFE_CASES)
@@ -268,6 +299,7 @@ def torch_converted(tmp_path_factory):
 
 
 TORCH_CASES = [pytest.param(name, runtime, id=f"{name}-{runtime}", marks=_marks(name)) for name in TORCH_NETS for runtime in RUNTIMES]
+TORCH_CASES += [pytest.param(name, reader, id=f"{name}-{reader}") for name in ("resnet50", "alexnet") for reader in READERS]
 
 
 @pytest.mark.parametrize("name, runtime", TORCH_CASES)
