@@ -63,3 +63,17 @@ def test_random_crops_are_flipped_windows_and_batches_scale_like_images(tmp_path
     assert 0 < sum(flips) < len(flips)
     batch = tf_scale(np.stack(crops), spec).numpy()
     np.testing.assert_array_equal(batch[2], tf_scale(crops[2], spec).numpy())
+
+
+def test_16_bit_pngs_give_both_paths_the_same_pixels(tmp_path, spec):
+    """TensorFlow keeps a 16-bit sample's high byte; Pillow's own convert("RGB") clips grayscale at 255."""
+    import tensorflow as tf
+
+    resize = spec.input.get("resize")
+    rng = np.random.default_rng(16)
+    gray = tmp_path / "gray16.png"
+    Image.fromarray(rng.integers(0, 65536, (resize, resize + 11), dtype=np.uint16)).save(gray)  # mode I;16
+    rgb = tmp_path / "rgb16.png"
+    rgb.write_bytes(tf.io.encode_png(tf.constant(rng.integers(0, 65536, (resize, resize + 11, 3), dtype=np.uint16))).numpy())
+    for path in (gray, rgb):
+        np.testing.assert_allclose(np_eval_image(path, spec.input), tf_eval_image(path.read_bytes(), spec).numpy(), rtol=0, atol=1e-5)

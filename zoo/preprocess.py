@@ -87,11 +87,21 @@ def np_eval_image(path, input_cfg: dict) -> np.ndarray:
     h, w = input_cfg["size"]
     size = input_cfg.get("resize", max(h, w))
     with Image.open(path) as im:
-        im = im.convert("RGB")
+        im = _rgb8(im)
         scale = size / min(im.size)
         im = im.resize((max(size, int(im.size[0] * scale)), max(size, int(im.size[1] * scale))), Image.BILINEAR)
         left, top = round((im.size[0] - w) / 2), round((im.size[1] - h) / 2)
         return np_normalize(np.asarray(im.crop((left, top, left + w, top + h)), np.float32), input_cfg)
+
+
+def _rgb8(im):
+    """Pillow's image as 8-bit RGB the way TensorFlow's decoder makes it: 16-bit grayscale (Pillow's "I;16"
+    and "I" modes, which its own convert clips at 255) keeps its high byte, as tf.io.decode_image does."""
+    from PIL import Image
+
+    if im.mode.startswith("I;16") or im.mode == "I":
+        return Image.fromarray((np.asarray(im).astype(np.uint32) >> 8).clip(0, 255).astype(np.uint8), "L").convert("RGB")
+    return im.convert("RGB")
 
 
 def np_normalize(rgb: np.ndarray, input_cfg: dict) -> np.ndarray:
