@@ -28,15 +28,10 @@ dims = st.lists(st.integers(0, 4), min_size=0, max_size=4)
 
 
 def _field(number: int, payload: bytes) -> bytes:
-    """A length-delimited field: a message embedded in its parent, as protobuf writes it."""
-    def varint(n):
-        out = bytearray()
-        while True:
-            out.append((n & 0x7F) | (0x80 if n > 0x7F else 0))
-            n >>= 7
-            if not n:
-                return bytes(out)
-    return varint(number << 3 | 2) + varint(len(payload)) + payload
+    """A length-delimited field: a message embedded in its parent, with protobuf's own varint encoder."""
+    from google.protobuf.internal.encoder import _VarintBytes
+
+    return _VarintBytes(number << 3 | 2) + _VarintBytes(len(payload)) + payload
 
 
 @st.composite
