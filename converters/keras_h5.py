@@ -39,7 +39,7 @@ import numpy as np
 from zoo.errors import ZooError
 from zoo.hookspecs import hookimpl
 from zoo.layouts import Deferred
-from zoo.sources import Fit, Imported, Params, WeightSource, fit_params, map_file, mapping_notes, release_pages
+from zoo.sources import Imported, Params, WeightSource, fit_params, map_file, mapping_notes, release_pages
 from zoo.spec import ModelSpec
 
 _HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"
@@ -261,57 +261,28 @@ def keras_order(spec: ModelSpec, swap_adds: bool = False) -> list[str]:
     return sorted((n.name for n in spec.weighted_nodes), key=lambda n: (-depth[n], met[n]))
 
 
-def _keras_order_fit(layers: Params, spec: ModelSpec, path) -> Fit | None:
-    """The fit pairing the file's weighted layers, in its order, with the spec's in keras_order (either way of
-    wiring the adds); None when neither fits. The spec's own order is fit_params' to try."""
-    wanted = [n.name for n in spec.weighted_nodes]
-    weighted = [name for name, arrays in layers.items() if arrays]
-    if len(weighted) != len(wanted):
-        return None
-    orders = {}
-    for swap in (False, True):
-        orders.setdefault(tuple(keras_order(spec, swap)), swap)
-    for order, swap in orders.items():
-        if list(order) == wanted:
+def _keras_orders(spec: ModelSpec) -> list[tuple[list[str], str]]:
+    """fit_params' extra orders for a file listing the writer's layers in its model order: the spec's weighted layers
+    as Keras lists its graph, with the adds' inputs either way round (Keras loads such a file in that order)."""
+    said = f"the file lists its layers as Keras lists {spec.id}'s graph"
+    return [(keras_order(spec), f"{said}, and Keras loads it in that order"),
+            (keras_order(spec, swap_adds=True), f"{said}, its adds' inputs the other way round, and Keras loads it in that order")]
+
+
+def _headless(layers: Params, candidates: list[ModelSpec], path, orders) -> list[str]:
+    """The specs the file fits once given a stand-in classifier (zero-strided: no memory): what a Keras
+    include_top=False file is of."""
+    found = []
+    for s in candidates:
+        if s.head in layers:
             continue
-        pair = dict(zip(order, weighted))  # spec layer -> the file layer Keras would load into it
+        head = {str(i): np.broadcast_to(np.float32(0), t.shape) for i, t in enumerate(s.node(s.head).tensors)}
         try:
-            fit = fit_params({pair[w]: layers[pair[w]] for w in wanted}, "keras", spec, path)  # fit_params pairs by position
+            fit_params(layers | {s.head: head}, "keras", s, path, orders=orders)
         except ZooError:
             continue
-        wiring = ", its adds' inputs the other way round" if swap else ""
-        fit.notes.append(f"the file lists its layers as Keras lists {spec.id}'s graph{wiring}, and Keras loads it in that order")
-        return fit
-    return None
-
-
-def _fits(layers: Params, spec: ModelSpec, path, ordered: bool) -> bool:
-    try:
-        return bool(fit_params(layers, "keras", spec, path))
-    except ZooError:
-        return ordered and _keras_order_fit(layers, spec, path) is not None
-
-
-def _fit(layers: Params, ordered: bool, candidates: list[ModelSpec], spec, path, mapping) -> Fit:
-    """fit_params (by names, by the spec's order, or the map); else by Keras' order of each spec's graph for files
-    in the writer's model order; else the error, naming the spec when the file is one without its classifier."""
-    try:
-        return fit_params(layers, "keras", spec, path, mapping=mapping, candidates=candidates)
-    except ZooError:
-        if mapping:
-            raise
-        fits = [fit for s in candidates if ordered and (fit := _keras_order_fit(layers, s, path))]
-        if len(fits) == 1:
-            return fits[0]
-        if fits:
-            raise ZooError(f"the weights fit several specs ({', '.join(f.spec.id for f in fits)}); choose one with --spec", path) from None
-        # a stand-in classifier (zero-strided: no memory) tells a file of a spec without its head (Keras' include_top=False)
-        headless = [f"{s.id} without its classifier {s.head}" for s in candidates if s.head not in layers and _fits(
-            layers | {s.head: {str(i): np.broadcast_to(np.float32(0), t.shape) for i, t in enumerate(s.node(s.head).tensors)}}, s, path, ordered)]
-        if headless:
-            raise ZooError(f"the weights are {' or '.join(headless)} (a Keras include_top=False file, _notop); "
-                           "no registered spec is headless", path) from None
-        raise
+        found.append(f"{s.id} without its classifier {s.head}")
+    return found
 
 
 class KerasH5(WeightSource):
@@ -332,7 +303,15 @@ class KerasH5(WeightSource):
         layers, ordered = read_h5_params(path, largest, data)
         if not layers:
             raise ZooError("holds no layer with weights", path)
-        fit = _fit(layers, ordered, candidates, spec, path, options.get("map"))
+        orders = _keras_orders if ordered else None
+        try:
+            fit = fit_params(layers, "keras", spec, path, mapping=options.get("map"), candidates=candidates, orders=orders)
+        except ZooError:
+            headless = [] if options.get("map") else _headless(layers, candidates, path, orders)
+            if not headless:
+                raise
+            raise ZooError(f"the weights are {' or '.join(headless)} (a Keras include_top=False file, _notop); "
+                           "no registered spec is headless", path) from None
         tensors = {name: _copy_of(arr, data) for name, arr in fit.tensors.items()}
         return Imported(fit.spec, tensors, notes=mapping_notes(fit), source_format="keras-h5")
 

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from zoo import __version__
 from zoo.errors import ZooError
+from zoo.features import POOLINGS
 from zoo.finetune.config import add_arguments as add_finetune_arguments
 
 
@@ -194,11 +195,13 @@ def cmd_export(args):
     from zoo.export import export
 
     formats = [f.strip() for f in args.format.split(",") if f.strip()]
-    written = export(args.source, formats=formats, out=args.out, opset=args.opset)
+    top = args.include_top == "true"
+    written = export(args.source, formats=formats, out=args.out, opset=args.opset, include_top=top, pooling=args.pooling)
     if args.json:
         _print_json({"exported": [str(p) for p in written]})
     for path in written if not args.json else ():
-        print(f"exported {path}: checked against the Keras model on a seeded batch (logits within 1e-4 of their scale, same top-5)")
+        print(f"exported {path}: checked against the Keras model on a seeded batch (outputs within 1e-4 of their scale"
+              f"{', same top-5' if top else ''})")
     return 0
 
 
@@ -214,6 +217,61 @@ def cmd_predict(args):
     if args.json:
         _print_json([r.__dict__ for r in results])
     return 1 if any(r.error for r in results) or not results else 0
+
+
+def cmd_features(args):
+    from zoo.features import extract, outputs, write
+
+    outputs(args.output)  # a wrong name is refused before the work
+    if args.weights is None:
+        print("zoo: note: no --weights: features of randomly initialised layers", file=sys.stderr)
+    feats, paths = extract(args.model, args.images, layer=args.layer, weights=args.weights, batch_size=args.batch_size,
+                           pooling=args.pooling, input_size=args.input_size)
+    npy, txt = write(args.output, feats, paths)
+    if args.json:
+        _print_json({"features": str(npy), "paths": str(txt), "shape": list(feats.shape)})
+    else:
+        print(f"wrote {npy}: {' x '.join(map(str, feats.shape))} features, one row per image; {txt}: the images in row order")
+    return 0
+
+
+def _size(text: str) -> tuple[int, int]:
+    """"160x192" -> (160, 192)."""
+    try:
+        h, w = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected HxW, such as 160x192, not {text!r}") from None
+    return (h, w)
+
+
+def cmd_report(args):
+    from zoo.report import write_report
+
+    page = write_report(args.run)
+    if args.json:
+        _print_json({"report": str(page)} | json.loads(page.with_name("report.json").read_text()))
+    else:
+        print(f"report {page}")
+    return 0
+
+
+def cmd_bench(args):
+    from zoo.bench import bench
+
+    result = bench(args.model, batches=[int(b) for b in args.batch.split(",")],
+                   runtimes=[r.strip() for r in args.runtimes.split(",")] if args.runtimes else None, seconds=args.seconds)
+    if args.json:
+        _print_json(result)
+        return 0
+    limit = result["rows"][0]["limit_images_per_second"] if result["rows"] else 0
+    print(f"{result['model']}: {result['gmacs_per_image']:.2f} GMAC an image; peak {result['peak_gflops']:.0f} GFLOP/s "
+          f"({result['peak_how']}): at most {limit:.1f} images/s")
+    print(f"{'runtime':<11} {'batch':>5} {'images/s':>9} {'p10-p90':>13} {'latency ms':>10} {'of limit':>8} {'peak MB':>8}")
+    for r in result["rows"]:
+        low, high = r["spread"]
+        print(f"{r['runtime']:<11} {r['batch']:>5} {r['images_per_second']:>9.1f} {f'{low:.1f}-{high:.1f}':>13} {r['latency_ms']:>10.1f} "
+              f"{r['images_per_second'] / r['limit_images_per_second']:>8.0%} {r['peak_memory_mb']:>8.0f}")
+    return 0
 
 
 def cmd_report(args):
@@ -343,12 +401,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", default="savedmodel,onnx", help="comma-separated: savedmodel, onnx")
     p.add_argument("--out", help="output folder (default: exported/ beside the source)")
     p.add_argument("--opset", type=int, default=17, help="ONNX opset (default 17)")
+    p.add_argument("--include-top", choices=("true", "false"), default="true",
+                   help="false: the headless trunk, its output map (ONNX: of any input size where the layers allow it)")
+    p.add_argument("--pooling", choices=POOLINGS, help="global pooling of the headless trunk's map (with --include-top false)")
+
 
     p = _command(sub, "predict", cmd_predict, "top-k classes of images from an ONNX file, a SavedModel or weights",
                  "zoo predict runs/finetune/exported/model.onnx photo.jpg photos/ --top 3")
     p.add_argument("model", help="model.onnx, a SavedModel folder, a .safetensors file or a run folder")
     p.add_argument("images", nargs="+", help="image files or folders (searched with their sub-folders)")
     p.add_argument("--top", type=int, default=5)
+
+    p = _command(sub, "features", cmd_features, "a layer's output for images, with the model's preprocessing (OUT.npy, OUT.txt)",
+                 "zoo features resnet50@keras --weights resnet50.safetensors --layer avg_pool photos/ -o feats.npy")
+    p.add_argument("model", help="family or family@version").completer = _spec_names
+    p.add_argument("images", nargs="+", help="image files or folders (searched with their sub-folders)")
+    p.add_argument("-o", "--output", required=True, help="features file, .npy; the image paths go beside it as .txt, in row order")
+    p.add_argument("--layer", help="the layer (or a module's dotted prefix, `layer3`) whose output to write (default: the trunk's)")
+    p.add_argument("--weights", help="verified .safetensors (default: random initialisation)")
+    p.add_argument("--pooling", choices=POOLINGS, help="global pooling of a spatial output: one value per channel")
+    p.add_argument("--input-size", type=_size, metavar="HxW", help="input size, where the layers allow it (default: the spec's)")
+    p.add_argument("--batch-size", type=int, default=32)
+
 
     p = _command(sub, "report", cmd_report, "a run's curves, confusion matrix and most confidently wrong images (RUN/report/)",
                  "zoo report runs/finetune")

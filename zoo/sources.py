@@ -62,15 +62,21 @@ class Fit:
     notes: list[str] = field(default_factory=list)
 
 
-def _assignments(layers: list[str], spec: ModelSpec, mapping: dict | None):
+def _assignments(layers: list[str], spec: ModelSpec, mapping: dict | None, orders):
+    """(how, {file layer: spec layer}, note) to try in turn: the user's map alone; else by names; else, when the
+    counts agree, pairing the file's layers in its order with the spec's weighted layers in each order: the
+    spec's own, then the reader's `orders(spec)` ((order, note) pairs), each order once."""
     wanted = [n.name for n in spec.weighted_nodes]
     if mapping:
-        yield "map", {f: mapping.get(f, f) for f in layers}
-        return
-    if set(layers) == set(wanted):
-        yield "names", {n: n for n in layers}
+        yield "map", {f: mapping.get(f, f) for f in layers}, None
+    elif set(layers) == set(wanted):
+        yield "names", {n: n for n in layers}, None
     elif len(layers) == len(wanted):
-        yield "order", dict(zip(layers, wanted))
+        tried = []
+        for order, note in [(wanted, None), *(orders(spec) if orders else ())]:
+            if order not in tried:
+                tried.append(order)
+                yield "order", dict(zip(layers, order)), note
 
 
 def _rehead(spec: ModelSpec, arrays: dict | None, convention: str) -> ModelSpec:
@@ -152,9 +158,12 @@ def _try(spec: ModelSpec, layers: Params, assignment: dict[str, str], convention
 
 
 def fit_params(layers: Params, convention: str, requested: ModelSpec | None = None, path=None,
-               mapping: dict[str, str] | None = None, release=None, candidates=None) -> Fit:
+               mapping: dict[str, str] | None = None, release=None, candidates=None, orders=None) -> Fit:
     """Find the spec these parameters are for: by layer names, else by the order of weighted layers (when
     the counts agree and every shape then fits), or by an explicit `mapping` {file layer: spec layer}.
+    `orders(spec)`, for a format whose writer lists layers in an order of its own, gives more orders of the
+    spec's weighted layers to try after the spec's own, each with the note to show when it is the one that
+    fits: [(order, note)].
 
     Considers `requested`, else `candidates` (default: every registered spec); exactly one must fit.
     `release(array)` is called for each source array once its transform is written (see release_pages:
@@ -175,10 +184,11 @@ def fit_params(layers: Params, convention: str, requested: ModelSpec | None = No
         extra = sorted(n for n in layers if spec.extra_layers and n not in spec.layer_names and any(fnmatch(n, p) for p in spec.extra_layers))
         kept = {n: a for n, a in layers.items() if n not in extra}
         # when neither names nor counts line up, report the problems by name
-        for how, assignment in list(_assignments(list(kept), spec, mapping)) or [("names", {})]:
+        for how, assignment, note in list(_assignments(list(kept), spec, mapping, orders)) or [("names", {}, None)]:
             fit, problems = _try(spec, kept, assignment, convention, release)
             if fit:
                 fit.how = how
+                fit.notes += [note] if note else []
                 fit.notes += [f"dropped layers that {spec.id} does not have (training only): {', '.join(extra)}"] if extra else []
                 fits.append(fit)
                 break
