@@ -121,7 +121,16 @@ def cmd_convert(args):
             options["map"] = json.loads(Path(args.map).read_text())
         except (OSError, ValueError) as e:
             raise ZooError(f"cannot read the layer mapping ({e})", args.map) from None
-    result = convert(path, source=source, output=args.output, spec=args.spec, options=options, sha256=args.sha256 or None)
+    kwargs = {"source": source, "spec": args.spec, "options": options, "sha256": args.sha256 or None}
+    if args.store:
+        from zoo import store
+
+        if args.output:
+            raise ZooError("give -o or --store, not both")
+        result, entry = store.add(path, **kwargs)
+        result.notes.append(f"stored as {entry.name}")
+    else:
+        result = convert(path, output=args.output, **kwargs)
     if args.json:
         _print_json(result.to_dict())
         return 0
@@ -175,7 +184,7 @@ def cmd_finetune(args):
     from zoo.finetune.config import given
     from zoo.report import write_report
 
-    result = finetune(**given(args))
+    result = finetune(**({"weights": "stored"} | given(args)))  # the Python API's None stays random initialisation
     report = write_report(result.run_dir)  # before any export: a failed export keeps the report
     if not args.json:
         print(f"report {report}")
@@ -191,12 +200,19 @@ def cmd_finetune(args):
     return 0
 
 
+def _weights_file(name: str):
+    """A stored weights name (zoo weights) as its file; an existing file or folder as it is."""
+    from zoo import store
+
+    return store.resolve(name, None) or name
+
+
 def cmd_export(args):
     from zoo.export import export
 
     formats = [f.strip() for f in args.format.split(",") if f.strip()]
     top = args.include_top == "true"
-    written = export(args.source, formats=formats, out=args.out, opset=args.opset, include_top=top, pooling=args.pooling)
+    written = export(_weights_file(args.source), formats=formats, out=args.out, opset=args.opset, include_top=top, pooling=args.pooling)
     if args.json:
         _print_json({"exported": [str(p) for p in written]})
     for path in written if not args.json else ():
@@ -208,7 +224,7 @@ def cmd_export(args):
 def cmd_predict(args):
     from zoo.predict import predict
 
-    results = predict(args.model, args.images, top=args.top)
+    results = predict(_weights_file(args.model), args.images, top=args.top)
     for r in results:
         if r.error:
             print(f"zoo: error: {r.file}: {r.error} (skipped)", file=sys.stderr)
@@ -304,6 +320,52 @@ def cmd_bench(args):
     return 0
 
 
+def cmd_fetch(args):
+    from zoo.fetch import fetch
+
+    done = fetch(args.model, file=args.file, mirror=args.mirror)
+    if args.json:
+        _print_json({"url": done.url, "hash_check": done.hash_check, "downloaded": done.downloaded} | done.entry.to_dict())
+    elif done.downloaded:
+        print(f"stored {done.entry.name} ({done.entry.path}): downloaded from {done.url}, {done.hash_check}; converted and verified")
+    else:
+        print(f"{done.entry.name} is stored already ({done.entry.path})")
+    return 0
+
+
+def cmd_weights(args):
+    from zoo import store
+
+    if args.action != "list" and not args.name:
+        raise ZooError(f"zoo weights {args.action} needs a NAME (zoo weights lists them)")
+    if args.action == "rm":
+        entry = store.remove(args.name)
+        if args.json:
+            _print_json(entry.metadata | {"removed": entry.name})
+        else:
+            print(f"removed {entry.name} ({entry.path})")
+        return 0
+    if args.action == "show":
+        from zoo.registry import load_weights
+
+        entry = store.one(args.name)
+        load_weights(entry.path)  # show says verified only after checking every tensor
+        if args.json:
+            _print_json(entry.to_dict() | {"metadata": entry.metadata, "verified": True})
+        else:
+            print("\n".join(f"{k:<14} {v}" for k, v in entry.to_dict().items()) + "\nverified: every tensor checked against the spec")
+        return 0
+    found = store.entries()
+    if args.json:
+        _print_json({"home": str(store.home()), "weights": [e.to_dict() for e in found]})
+        return 0
+    print(f"{store.home()}: {len(found)} stored weights file(s)")
+    for e in found:
+        print(f"  {e.name:<48} {e.path.stat().st_size / 2**20:>8.1f} MiB  fingerprint {e.metadata.get('fingerprint')}  "
+              f"from {e.metadata.get('source_file')}" + ("" if e.current else "  (STALE: the registered spec has another fingerprint)"))
+    return 0
+
+
 def _spec_names(**_) -> list[str]:
     """Shell completion of a model argument: every family and family@version."""
     from zoo.registry import families
@@ -377,7 +439,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = _command(sub, "convert", cmd_convert, "convert foreign weights into verified safetensors",
                  "zoo convert caffe bvlc_alexnet.npy   (or, the source recognised: zoo convert resnet50-0676ba61.pth)",
-                 usage="zoo convert [SOURCE] FILE [-o OUT] [--spec NAME@VERSION] [--map MAP.json] [--sha256] [--json]")
+                 usage="zoo convert [SOURCE] FILE [-o OUT | --store] [--spec NAME@VERSION] [--map MAP.json] [--sha256] [--json]")
     p.add_argument("args", nargs="+", metavar="[SOURCE] FILE",
                    help="weight source (see `zoo plugins`; recognised from the file when left out) and the file").completer = _sources_and_files
     p.add_argument("-o", "--output", help="output path (default: FILE's stem + .safetensors)")
@@ -385,6 +447,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--map", help="JSON file mapping the file's layer names to the spec's")
     p.add_argument("--sha256", action="store_true", help="record the source's sha256 (done anyway when its name can be "
                    "checked: torch hub's hash prefix, a published file's name)")
+    p.add_argument("--store", action="store_true", help="keep the result in the weights store (zoo weights), not beside FILE")
 
     p = _command(sub, "verify", cmd_verify, "re-check a weights file against its spec", "zoo verify bvlc_alexnet.safetensors")
     p.add_argument("file")
@@ -397,7 +460,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = _command(sub, "export", cmd_export, "export a run or weights file to SavedModel and/or ONNX, checked against Keras",
                  "zoo export runs/finetune --format savedmodel,onnx")
-    p.add_argument("source", help="run folder or verified .safetensors")
+    p.add_argument("source", help="run folder, verified .safetensors or stored weights' name (zoo weights)")
     p.add_argument("--format", default="savedmodel,onnx", help="comma-separated: savedmodel, onnx")
     p.add_argument("--out", help="output folder (default: exported/ beside the source)")
     p.add_argument("--opset", type=int, default=17, help="ONNX opset (default 17)")
@@ -408,7 +471,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = _command(sub, "predict", cmd_predict, "top-k classes of images from an ONNX file, a SavedModel or weights",
                  "zoo predict runs/finetune/exported/model.onnx photo.jpg photos/ --top 3")
-    p.add_argument("model", help="model.onnx, a SavedModel folder, a .safetensors file or a run folder")
+    p.add_argument("model", help="model.onnx, a SavedModel folder, a .safetensors file, stored weights' name or a run folder")
     p.add_argument("images", nargs="+", help="image files or folders (searched with their sub-folders)")
     p.add_argument("--top", type=int, default=5)
 
@@ -434,6 +497,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", default="1,32", help="batch sizes, comma-separated (default 1,32)")
     p.add_argument("--runtimes", help="comma-separated: keras, savedmodel, onnx (default: every one the model can run in)")
     p.add_argument("--seconds", type=float, default=3.0, help="least timed seconds per measurement (default 3)")
+
+    p = _command(sub, "fetch", cmd_fetch, "download a spec's published weights, check their hash, convert them into the store",
+                 "zoo fetch resnet50@torchvision --file resnet50-11ad3fa6.pth   (then: zoo finetune resnet50@torchvision ...)")
+    p.add_argument("model", metavar="SPEC[@VERSION]", help="family (its default version) or family@version").completer = _spec_names
+    p.add_argument("--file", help="which published file (zoo info lists them; default: the first with a URL)")
+    p.add_argument("--mirror", help="base URL serving the files by name, BASE/FILE, instead of the publisher's (default: $ZOO_MIRROR)")
+
+    p = _command(sub, "weights", cmd_weights, "the weights store: list, show NAME (verified), rm NAME",
+                 "zoo weights show resnet50@torchvision/resnet50-0676ba61")
+    p.add_argument("action", nargs="?", choices=("list", "show", "rm"), default="list")
+    p.add_argument("name", nargs="?", help="family@version/file-stem as listed, or family@version when it has one file")
 
     _command(sub, "plugins", cmd_plugins, "loaded plugins, their package, version and what they provide", "zoo plugins")
 

@@ -16,6 +16,7 @@ from zoo.graph import INPUT
 from zoo.layers import KINDS
 from zoo.registry import load_weights, resolve_spec
 from zoo.spec import ModelSpec
+from zoo.store import resolve as resolve_stored
 from zoo.weights import Weights
 
 
@@ -104,6 +105,7 @@ def create_model(name="alexnet", weights=None, num_classes: int | None = None, i
     "avg" or "max" pools it to one value per channel, `input_size=(h, w)` where every layer kept allows it;
     as timm's features_only: `outputs=[layer, ...]` gives those layers' outputs (zoo.features.select).
     """
+    weights = resolve_stored(weights, name)  # "stored", a stored name (zoo weights) -> its file; "random" -> None
     if weights is not None and not isinstance(weights, Weights):
         weights = load_weights(weights)
     base = resolve_spec(name, weights)

@@ -25,7 +25,9 @@ def _names(text: str) -> list[str]:
 class FinetuneConfig:
     model: str = option("alexnet", "spec to fine-tune (default alexnet = alexnet@bvlc)", positional=True)
     head: int | None = option(None, "classes of the new head (default: the data's)")
-    weights: str | None = option(None, "verified weights to start from (zoo convert makes them); default: random init")
+    weights: str | None = option(None, "verified weights to start from: a file, a stored name (zoo weights), 'stored' (the spec's "
+                                 "stored weights: zoo fetch) or 'random' (random initialisation); default: 'stored' on the "
+                                 "command line, random initialisation from Python (None)")
     data: str | None = option(None, "folder with one sub-folder per class (or train/ and val/ inside); default: built-in example")
     train_list: str | None = option(None, "list file: one 'path label' per line (the seed's format)")
     val_list: str | None = option(None, "validation list file")

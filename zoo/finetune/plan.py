@@ -6,7 +6,7 @@ from __future__ import annotations
 import fnmatch
 import json
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from zoo.errors import ZooError
@@ -39,9 +39,15 @@ class Plan:
 
 
 def make_plan(cfg: FinetuneConfig) -> Plan:
+    from zoo import store
     from zoo.registry import load_weights, resolve_spec
 
-    weights = load_weights(cfg.weights) if cfg.weights else None
+    path = store.resolve(cfg.weights, cfg.model)
+    if path is not None and str(path) != cfg.weights:
+        say(f"starting from the stored weights {path}")
+    # config.json records the file itself: --resume and the report take the same one whatever the store holds by then
+    cfg = replace(cfg, weights=str(path) if path is not None else None)
+    weights = load_weights(path) if path is not None else None
     base_spec = resolve_spec(cfg.model, weights)
     train, val, head = load_samples(cfg)
     spec = base_spec.with_num_classes(head)
@@ -53,8 +59,8 @@ def make_plan(cfg: FinetuneConfig) -> Plan:
     frozen_prefix = _frozen_prefix(spec, trained)
     cache = _caching(cfg, frozen_prefix)
     if weights is None:
-        say(f"no --weights: starting {spec.id} from RANDOM initialisation, not pretrained weights. "
-            f"Convert real weights with `zoo convert caffe bvlc_alexnet.npy` (or torch/h5) and pass --weights.")
+        say(f"starting {spec.id} from RANDOM initialisation (weights random), not pretrained weights; "
+            f"`zoo fetch {base_spec.id}` stores the published ones")
     run = Path(cfg.out)
     return Plan(cfg, run, weights, base_spec, spec, train, val, trained, frozen_prefix, cache, _resume_state(cfg, run))
 

@@ -103,6 +103,26 @@ def caffe_layers(prototxt: Path) -> list[dict]:
 
 
 TORCHVISION = "https://github.com/pytorch/vision (torchvision.models)"
+TORCH_HUB = "https://download.pytorch.org/models/"  # torchvision.models' weights URLs
+KERAS_APPLICATIONS = "https://storage.googleapis.com/tensorflow/keras-applications/"  # keras.src.applications' weights URLs
+BVLC = "http://dl.caffe.berkeleyvision.org/"  # BVLC model zoo readmes (models/*/readme.md), which also give the sha1s
+BVLC_LICENSE = "unrestricted use (BVLC model zoo)"
+
+
+HASHES = ("sha256", "sha256_prefix", "sha1", "md5")
+
+
+def published(url: str, source: str, license: str, **fields: str) -> dict:
+    """{file name: entry} for a file as its publisher serves it: `fields` holds the hashes the publisher gives (HASHES;
+    sha256_prefix: torch hub's names carry the sha256's first hex digits; "hash": "unknown" is written when there is
+    none) and e.g. the release's name; then the URL, the weight source that reads it and the licence. `zoo fetch`
+    takes a spec's first file with a URL."""
+    unknown = {} if set(fields) & set(HASHES) else {"hash": "unknown"}
+    return {url.rsplit("/", 1)[1]: fields | unknown | {"url": url, "source": source, "license": license}}
+
+
+def torch_hub(name: str, **extra: str) -> dict:
+    return published(TORCH_HUB + name, "torch", "BSD-3-Clause (torchvision)", sha256_prefix=name.rsplit("-", 1)[1][:-4], **extra)
 
 
 def specs(prototxts: Path) -> dict[str, dict]:
@@ -121,36 +141,40 @@ def specs(prototxts: Path) -> dict[str, dict]:
             {"paper": "Krizhevsky, Sutskever, Hinton. ImageNet Classification with Deep Convolutional Neural Networks. NIPS 2012 "
                       "(CaffeNet: BVLC's reproduction with pooling and LRN swapped).",
              "origin": "https://github.com/BVLC/caffe/tree/master/models/bvlc_reference_caffenet",
-             "reference_files": {"bvlc_reference_caffenet.caffemodel": {"sha1": "4c8d77deb20ea792f84eb5e6d0a11ca0a8660a46"}},
+             "reference_files": published(BVLC + "bvlc_reference_caffenet.caffemodel", "caffemodel", BVLC_LICENSE,
+                                         sha1="4c8d77deb20ea792f84eb5e6d0a11ca0a8660a46"),
              "metrics": {"imagenet-1k": {"top1": 57.4, "top5": 80.4, "protocol": "center crop, Caffe model zoo readme"}},
-             "license": "unrestricted use (BVLC model zoo)"}),
+             "license": BVLC_LICENSE}),
         "googlenet_bvlc.json": spec(
             "googlenet", "bvlc", "BVLC GoogLeNet (models/bvlc_googlenet): Inception v1, deploy net without the auxiliary heads.",
             224, CAFFE_BGR | {"mean": [104.0, 117.0, 123.0]}, caffe_layers(prototxts / "bvlc_googlenet_deploy.prototxt"),
             {"paper": "Szegedy et al. Going Deeper with Convolutions. CVPR 2015.",
              "origin": "https://github.com/BVLC/caffe/tree/master/models/bvlc_googlenet",
-             "reference_files": {"bvlc_googlenet.caffemodel": {"sha1": "405fc5acd08a3bb12de8ee5e23a96bec22f08204"}},
+             "reference_files": published(BVLC + "bvlc_googlenet.caffemodel", "caffemodel", BVLC_LICENSE,
+                                         sha1="405fc5acd08a3bb12de8ee5e23a96bec22f08204"),
              "metrics": {"imagenet-1k": {"top1": 68.7, "top5": 88.9, "protocol": "center crop, Caffe model zoo readme"}},
-             "license": "unrestricted use (BVLC model zoo)"}),
+             "license": BVLC_LICENSE}),
         "vgg16_caffe.json": spec(
             "vgg16", "caffe", "VGG_ILSVRC_16_layers as released in Caffe by the Oxford VGG group; Keras Applications' vgg16 h5 "
             "holds the same network and preprocessing (convert it with --spec vgg16@caffe).",
             224, CAFFE_BGR | {"mean": KERAS_CAFFE_MEAN}, caffe_layers(prototxts / "vgg16_deploy.prototxt"),
             {"paper": vgg, "origin": "https://www.robots.ox.ac.uk/~vgg/research/very_deep/",
-             "reference_files": {"VGG_ILSVRC_16_layers.caffemodel": {},
-                                 "vgg16_weights_tf_dim_ordering_tf_kernels.h5": {"md5": "64373286793e3c8b2b4e3219cbf3544b"}},
+             "reference_files": published(KERAS_APPLICATIONS + "vgg16/vgg16_weights_tf_dim_ordering_tf_kernels.h5", "h5", "CC BY 4.0 (VGG)",
+                                         md5="64373286793e3c8b2b4e3219cbf3544b")
+             | published("http://www.robots.ox.ac.uk/~vgg/software/very_deep/caffe/VGG_ILSVRC_16_layers.caffemodel", "caffemodel",
+                         "CC BY 4.0 (VGG)"),
              "license": "CC BY 4.0 (VGG)"}),
         "vgg16_torchvision.json": spec(
             "vgg16", "torchvision", "torchvision.models.vgg16 (no batch norm).", 224, IMAGENET_TORCH, vgg16_torchvision(),
-            {"paper": vgg, "origin": TORCHVISION, "reference_files": {"vgg16-397923af.pth": {"sha256_prefix": "397923af"}},
+            {"paper": vgg, "origin": TORCHVISION, "reference_files": torch_hub("vgg16-397923af.pth", release="IMAGENET1K_V1"),
              "metrics": {"imagenet-1k": {"top1": 71.592, "top5": 90.382, "protocol": "torchvision IMAGENET1K_V1 meta"}},
              "license": "BSD-3-Clause (torchvision)"}),
         "resnet50_torchvision.json": spec(
             "resnet50", "torchvision", "torchvision.models.resnet50: ResNet-50 V1.5 (stride 2 in a block's 3x3 conv).",
             224, IMAGENET_TORCH, resnet50_torchvision(),
             {"paper": resnet, "origin": TORCHVISION,
-             "reference_files": {"resnet50-0676ba61.pth": {"sha256_prefix": "0676ba61"},
-                                 "resnet50-11ad3fa6.pth": {"sha256_prefix": "11ad3fa6"}},
+             "reference_files": torch_hub("resnet50-0676ba61.pth", release="IMAGENET1K_V1")
+             | torch_hub("resnet50-11ad3fa6.pth", release="IMAGENET1K_V2"),
              "metrics": {"imagenet-1k": {"top1": 76.13, "top5": 92.862, "protocol": "torchvision IMAGENET1K_V1 meta "
                                          "(IMAGENET1K_V2, resnet50-11ad3fa6.pth: 80.858 / 95.434 evaluated at resize 232)"}},
              "license": "BSD-3-Clause (torchvision)"}),
@@ -158,14 +182,16 @@ def specs(prototxts: Path) -> dict[str, dict]:
             "resnet50", "keras", "keras.applications.ResNet50: ResNet-50 V1 (stride 2 in a block's first 1x1), convs with "
             "bias; 'caffe' preprocessing.", 224, CAFFE_BGR | {"mean": KERAS_CAFFE_MEAN}, resnet50_keras(),
             {"paper": resnet, "origin": "https://github.com/keras-team/keras (keras.applications.resnet)",
-             "reference_files": {"resnet50_weights_tf_dim_ordering_tf_kernels.h5": {"md5": "2cb95161c43110f7111970584f804107"}},
+             "reference_files": published(KERAS_APPLICATIONS + "resnet/resnet50_weights_tf_dim_ordering_tf_kernels.h5", "h5",
+                                         "MIT (Keras Applications weights)", md5="2cb95161c43110f7111970584f804107"),
              "metrics": {"imagenet-1k": {"top1": 74.9, "top5": 92.1, "protocol": "Keras Applications table"}},
              "license": "MIT (Keras Applications weights)"}),
         "resnet50_caffe.json": spec(
             "resnet50", "caffe", "He et al.'s ResNet-50 deploy net (Caffe): BatchNorm + Scale, bias-free convs, ceil pooling.",
             224, CAFFE_BGR | {"mean": [103.062623801, 115.902882574, 123.151630838]}, caffe_layers(prototxts / "resnet50_deploy.prototxt"),
             {"paper": resnet, "origin": "https://github.com/KaimingHe/deep-residual-networks",
-             "reference_files": {"ResNet-50-model.caffemodel": {}},
+             "reference_files": {"ResNet-50-model.caffemodel": {"hash": "unknown", "source": "caffemodel",  # no URL: a OneDrive share
+                                                       "license": "MIT (deep-residual-networks)"}},
              "metrics": {"imagenet-1k": {"top1": 75.3, "top5": 92.2, "protocol": "deep-residual-networks README (10-crop error 24.7 / 7.8)"}},
              "license": "MIT (deep-residual-networks)"}),
     }

@@ -1,0 +1,147 @@
+"""The weights store: `zoo convert --store`, `zoo weights` (list, show, rm), stored names wherever weights are
+taken (finetune, create_model, predict), and writes that concurrent writers cannot corrupt."""
+
+import threading
+
+import numpy as np
+import pytest
+from conftest import NARROW_SPEC
+
+from zoo import store
+from zoo.errors import ZooError
+
+SPEC = dict(NARROW_SPEC, family="storednet", version="v1", provenance={"reference_files": {"storednet.npy": {"hash": "unknown"}}})
+
+
+@pytest.fixture
+def home(tmp_path, monkeypatch):
+    """An empty store, the test spec registered, and caffe-tensorflow .npy files of it: storednet.npy (its published
+    name) and mine.npy (other weights)."""
+    from zoo.hookspecs import hookimpl
+    from zoo.plugins import get_plugins
+    from zoo.spec import ModelSpec
+
+    class Plugin:
+        @hookimpl
+        def zoo_model_specs(self):
+            return [SPEC]
+
+    get_plugins().register(Plugin(), name="store-test-specs")
+    monkeypatch.setenv("ZOO_HOME", str(tmp_path / "home"))
+    spec, rng = ModelSpec.from_dict(SPEC), np.random.default_rng(0)
+    for name in ("storednet", "mine"):
+        layers = {}
+        for tensor, t in spec.tensors.items():
+            layer, param = tensor.rsplit(".", 1)
+            layers.setdefault(layer, {})["weights" if param == "kernel" else "biases"] = rng.normal(size=t.shape).astype(np.float32)
+        np.save(tmp_path / f"{name}.npy", layers)
+    return tmp_path / "home"
+
+
+def test_home_defaults_to_the_user_cache(monkeypatch, tmp_path):
+    monkeypatch.delenv("ZOO_HOME", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    assert store.home() == tmp_path / "cache" / "zoo"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert store.home() == tmp_path / ".cache" / "zoo"
+
+
+def test_convert_store_then_list_show_rm(cli, home, tmp_path):
+    code, out, err = cli("convert", tmp_path / "mine.npy", "--store")
+    assert code == 0 and "note: stored as storednet@v1/mine" in out, err
+    entry = store.one("storednet@v1/mine")
+    assert entry.path.parent.name == entry.metadata["fingerprint"] and entry.path.parent.parent.name == "storednet@v1"
+    assert not (tmp_path / "mine.safetensors").exists()
+    code, out, _ = cli("weights")
+    assert code == 0 and out.startswith(f"{home}: 1 stored weights file(s)") and "storednet@v1/mine" in out and "from mine.npy" in out
+    code, out, _ = cli("weights", "show", "storednet@v1")  # a spec's name names its only file
+    assert code == 0 and "source_file    mine.npy" in out and out.rstrip().endswith("verified: every tensor checked against the spec")
+    code, _, err = cli("weights", "show", "storednet@v1/nope")
+    assert code == 1 and err.strip() == "zoo: error: storednet@v1/nope: nothing stored under this name (zoo weights lists what is)"
+    code, out, _ = cli("weights", "rm", "storednet@v1/mine")
+    assert code == 0 and out.startswith("removed storednet@v1/mine")
+    assert store.entries() == [] and list((home / "weights").iterdir()) == [home / "weights" / ".incoming"]  # no empty folders
+    code, _, err = cli("convert", tmp_path / "mine.npy", "--store", "-o", tmp_path / "x.safetensors")
+    assert code == 1 and "give -o or --store, not both" in err
+
+
+def test_concurrent_writers_leave_one_whole_entry_and_no_temporary_files(home, tmp_path):
+    from zoo.registry import get_spec, load_weights
+
+    errors = []
+
+    def write():
+        try:
+            store.add(tmp_path / "mine.npy", spec="storednet@v1")
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    get_spec("storednet@v1")  # the registry takes the plugins' specs on first use, not thread-safely: here, once
+    threads = [threading.Thread(target=write) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    [entry] = store.entries()
+    load_weights(entry.path)  # whole and verified
+    assert [p.name for p in home.rglob("*") if p.is_file()] == ["mine.safetensors"]
+
+
+def test_stored_names_resolve_and_the_published_file_is_preferred(home, tmp_path):
+    assert store.resolve(None, "storednet") is None and store.resolve("random", "storednet") is None
+    with pytest.raises(ZooError, match=r"no stored weights for storednet@v1: `zoo fetch storednet@v1` .* --weights random"):
+        store.resolve("stored", "storednet")
+    _, mine = store.add(tmp_path / "mine.npy", spec="storednet@v1")
+    assert store.resolve("stored", "storednet") == mine.path  # the only one
+    _, published = store.add(tmp_path / "storednet.npy", spec="storednet@v1")
+    assert store.resolve("stored", "storednet@v1") == published.path == store.resolve("storednet", None)
+    assert store.resolve("storednet@v1/mine", None) == mine.path
+    assert store.resolve(str(tmp_path / "mine.npy"), None) == str(tmp_path / "mine.npy")  # a file is a file
+    with pytest.raises(ZooError, match="nope.safetensors: no such file, nor stored weights of that name"):
+        store.resolve("nope.safetensors", None)
+    code_names = {e.name for e in store.entries()}
+    assert code_names == {"storednet@v1/mine", "storednet@v1/storednet"}
+
+
+def test_finetune_takes_the_stored_weights_or_says_how_to_get_them(cli, home, tmp_path, example_data):
+    import json
+
+    args = ("finetune", "storednet", "--data", example_data, "--head", "2", "--train", "fc8", "--epochs", "1", "--batch-size", "16",
+            "--no-augment")
+    code, _, err = cli(*args, "--out", tmp_path / "none")
+    assert code == 1 and err.strip().splitlines() == [
+        "zoo: error: no stored weights for storednet@v1: `zoo fetch storednet@v1` downloads the published ones, "
+        "`zoo convert FILE --store` stores yours; or pass --weights FILE, or --weights random"]
+    assert not (tmp_path / "none").exists()
+    _, entry = store.add(tmp_path / "storednet.npy", spec="storednet@v1")
+    code, out, err = cli(*args, "--out", tmp_path / "run", "--json")
+    assert code == 0 and f"zoo: starting from the stored weights {entry.path}" in err, err
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["weights"] == str(entry.path)  # resume takes the same file
+    from zoo.registry import load_weights
+
+    before, after = load_weights(entry.path).tensors, load_weights(tmp_path / "run" / "weights.safetensors").tensors
+    assert np.array_equal(before["conv1.kernel"], after["conv1.kernel"])  # frozen: the stored weights, bit for bit
+
+
+def test_random_initialisation_only_by_name(home, example_data, tmp_path, capsys):
+    from zoo.finetune.config import configure
+    from zoo.finetune.plan import make_plan
+
+    for weights in ("random", None):  # None: the Python API's default, as before
+        plan = make_plan(configure(None, {"model": "storednet", "weights": weights, "data": str(example_data), "head": 2,
+                                          "out": str(tmp_path / "run")}))
+        assert plan.weights is None and plan.cfg.weights is None  # config.json says random initialisation
+        assert "zoo: starting storednet@v1 from RANDOM initialisation (weights random)" in capsys.readouterr().err
+
+
+def test_create_model_and_predict_take_stored_names(cli, home, tmp_path, example_data):
+    import zoo
+
+    _, entry = store.add(tmp_path / "storednet.npy", spec="storednet@v1")
+    model = zoo.create_model("storednet", weights="stored")
+    assert np.array_equal(model.get_layer("conv1").get_weights()[0], zoo.load_weights(entry.path).tensors["conv1.kernel"])
+    assert zoo.create_model("storednet", weights="random").count_params() == model.count_params()
+    code, out, err = cli("predict", "storednet@v1/storednet", example_data / "circle", "--top", "1")
+    assert code == 0 and out.count("circle_") >= 1, err
