@@ -290,36 +290,6 @@ def cmd_bench(args):
     return 0
 
 
-def cmd_report(args):
-    from zoo.report import write_report
-
-    page = write_report(args.run)
-    if args.json:
-        _print_json({"report": str(page)} | json.loads(page.with_name("report.json").read_text()))
-    else:
-        print(f"report {page}")
-    return 0
-
-
-def cmd_bench(args):
-    from zoo.bench import bench
-
-    result = bench(args.model, batches=[int(b) for b in args.batch.split(",")],
-                   runtimes=[r.strip() for r in args.runtimes.split(",")] if args.runtimes else None, seconds=args.seconds)
-    if args.json:
-        _print_json(result)
-        return 0
-    limit = result["rows"][0]["limit_images_per_second"] if result["rows"] else 0
-    print(f"{result['model']}: {result['gmacs_per_image']:.2f} GMAC an image; peak {result['peak_gflops']:.0f} GFLOP/s "
-          f"({result['peak_how']}): at most {limit:.1f} images/s")
-    print(f"{'runtime':<11} {'batch':>5} {'images/s':>9} {'p10-p90':>13} {'latency ms':>10} {'of limit':>8} {'peak MB':>8}")
-    for r in result["rows"]:
-        low, high = r["spread"]
-        print(f"{r['runtime']:<11} {r['batch']:>5} {r['images_per_second']:>9.1f} {f'{low:.1f}-{high:.1f}':>13} {r['latency_ms']:>10.1f} "
-              f"{r['images_per_second'] / r['limit_images_per_second']:>8.0%} {r['peak_memory_mb']:>8.0f}")
-    return 0
-
-
 def cmd_fetch(args):
     from zoo.fetch import fetch
 

@@ -91,3 +91,33 @@ def cut(nodes, first: str) -> tuple[str, int] | None:
     before = set(names[:start]) | {INPUT}
     read = {i for node in nodes[start:] for i in node.inputs if i in before}
     return (read.pop(), start) if len(read) == 1 else None
+
+
+def ancestors(nodes, outputs) -> set[str]:
+    """The layers that `outputs` (layer names) are computed from, themselves included."""
+    inputs = {n.name: n.inputs for n in nodes}
+    keep, todo = set(), list(outputs)
+    while todo:
+        name = todo.pop()
+        if name != INPUT and name not in keep:
+            keep.add(name)
+            todo += inputs[name]
+    return keep
+
+
+def trunk(nodes, where: str) -> str:
+    """The last layer of the convolutional trunk: the last layer, in the graph's order, whose output is a
+    map (H, W, C) of more than one position. What follows it is the classifier (include_top=False drops
+    it): global or whole-map pooling (a 1x1 map), flatten, dense, dropout, the head. An adaptive pooling
+    only sizes the map for the flatten after it, so it belongs to the classifier too. One ZooError when
+    the classifier also reads an earlier layer: no single tensor is the trunk's output."""
+    for i in range(len(nodes) - 1, -1, -1):
+        shape = nodes[i].output_shape
+        if len(shape) == 3 and shape[0] * shape[1] > 1 and nodes[i].kind != "adaptive_avgpool":
+            rest = {n.name for n in nodes[i + 1:]}
+            read = {x for n in nodes[i + 1:] for x in n.inputs if x not in rest}
+            if read != {nodes[i].name}:
+                raise ZooError(f"{where}: the layers after {nodes[i].name!r}, its last spatial map, also read "
+                               f"{', '.join(sorted(read - {nodes[i].name}))}: no single trunk output")
+            return nodes[i].name
+    raise ZooError(f"{where}: no layer outputs a spatial map of more than one position: no convolutional trunk")

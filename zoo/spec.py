@@ -122,6 +122,43 @@ class ModelSpec:
         return graph.infer(self.layers, self.input_shape, f"model spec {self.id}")
 
     @cached_property
+    def trunk(self) -> str:
+        """The last layer of the convolutional trunk (zoo.graph.trunk): what a headless model ends with."""
+        return graph.trunk(self.nodes, f"model spec {self.id}")
+
+    def output_name(self, name: str) -> str:
+        """`name` if it is a layer; for a dotted prefix of layer names (a torchvision module such as `layer3`)
+        the last of its layers, which is the module's output."""
+        if name in self._by_name:
+            return name
+        inside = [n for n in self.layer_names if n.startswith(name + ".")]
+        return inside[-1] if inside else self.node(name).name  # node() says which layers there are
+
+    def subgraph(self, outputs, size=None) -> tuple[Node, ...]:
+        """The nodes that compute `outputs` (layer names), in the graph's order, on an input of `size` (H, W;
+        default the spec's). For another size the shapes are inferred again: one ZooError naming the layer
+        when a layer cannot take the size or its weights would have to change shape (a dense layer reading
+        a flattened map)."""
+        keep = graph.ancestors(self.nodes, outputs)
+        nodes = tuple(n for n in self.nodes if n.name in keep)
+        if size is None or list(size) == list(self.input["size"]):
+            return nodes
+        if not (isinstance(size, (list, tuple)) and len(size) == 2 and all(isinstance(v, int) and v > 0 for v in size)):
+            raise ZooError(f"{self.id}: an input size is two positive ints (height, width), not {size!r}")
+        h, w = size
+        where = f"{self.id} at {h}x{w}"
+        layers = {la["name"]: la for la in self.layers}  # inputs made explicit: the layer listed before may be gone
+        resized = graph.infer([dict(layers[n.name], inputs=list(n.inputs)) for n in nodes], (h, w, self.input["channels"]), where)
+        for node, before in zip(resized, nodes):
+            for t, was in zip(node.tensors, before.tensors):
+                if t.shape != was.shape:
+                    flat = f" (it reads a {_dims(node.flattened_from)} map flattened, not {_dims(before.flattened_from)})" \
+                        if before.flattened_from else ""
+                    raise ZooError(f"{where}, layer {node.name!r}: its {t.param} would have to be {_dims(t.shape)}, not "
+                                   f"{_dims(was.shape)}{flat}: its weights fix the input size")
+        return resized
+
+    @cached_property
     def _by_name(self) -> dict[str, Node]:
         return {n.name: n for n in self.nodes}
 
@@ -183,6 +220,10 @@ def fingerprint_v1(spec: ModelSpec) -> str | None:
         "tensors": [[t.name, list(t.shape), t.layout, t.dtype] for t in spec.tensors.values()],
     }
     return hashlib.sha256(json.dumps(canon, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:16]
+
+
+def _dims(shape) -> str:
+    return "x".join(map(str, shape))
 
 
 def _computing(node: Node) -> tuple[str, ...]:

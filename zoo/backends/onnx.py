@@ -1,7 +1,8 @@
 """The spec as an ONNX graph, written by zoo itself (onnx.helper), weights streamed to the file.
 
 NHWC float input `image` (preprocessed as the spec says), one Transpose to NCHW, then each layer kind's
-nodes; outputs `logits` and `probabilities`. tf2onnx was measured on the full AlexNet at ~14 GB and
+nodes; outputs `logits` and `probabilities`, or a headless part's `features`. Height and width are
+symbolic where the graph is the same at every size (size_free). tf2onnx was measured on the full AlexNet at ~14 GB and
 60-80 s and cannot convert Keras' grouped convs at all (it reports success on an invalid file).
 """
 
@@ -11,6 +12,8 @@ import json
 
 import numpy as np
 
+from zoo.errors import ZooError
+from zoo.features import Part, select
 from zoo.graph import INPUT
 from zoo.layers import KINDS
 from zoo.spec import ModelSpec
@@ -43,29 +46,77 @@ class GraphBuilder:
         return name
 
 
-def onnx_graph(spec: ModelSpec, tensors: dict[str, np.ndarray], classes: list[str], opset: int = DEFAULT_OPSET):
-    """The spec as an ONNX model without its weights, and the weights as [(initializer name, array in the
-    ONNX layout: a view of `tensors` where possible)]."""
+def onnx_graph(spec: ModelSpec, tensors: dict[str, np.ndarray], classes: list[str], opset: int = DEFAULT_OPSET,
+               part: Part | None = None, dynamic: bool = False):
+    """The spec (or the one-output `part` of it that zoo.features.select chose) as an ONNX model without its
+    weights, and the weights as [(initializer name, array in the ONNX layout: a view of `tensors` where
+    possible)]. The whole network outputs `logits` and `probabilities`; a part `features`, NHWC like the
+    Keras model's. With `dynamic` the input's height and width are symbolic (see size_free)."""
     import onnx
     from onnx import TensorProto, helper
 
-    g = GraphBuilder(tensors)
-    outputs = {INPUT: g.node("Transpose", ["image"], "image_nchw", perm=[0, 3, 1, 2])}
-    for node in spec.nodes:
-        outputs[node.name] = KINDS[node.kind].onnx(node, g, [outputs[i] for i in node.inputs])
-    g.node("Identity", [outputs[spec.nodes[-1].name]], "logits")
-    g.node("Softmax", ["logits"], "probabilities", axis=1)
-    h, w = spec.input["size"]
-    graph = helper.make_graph(
-        g.nodes, spec.id, [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["batch", h, w, spec.input_shape[2]])],
-        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", spec.num_classes]),
-         helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["batch", spec.num_classes])])
+    part = part or select(spec)
+    if len(part.outputs) != 1:
+        raise ZooError(f"an ONNX export has one output, not {len(part.outputs)}: {', '.join(part.outputs)}")
+    g, result = _nodes(part, tensors)
+    (h, w), c = ("height", "width") if dynamic else part.size, part.input_shape[2]
+    shape = part.output_shape(part.outputs[0])
+    if part.logits:
+        g.node("Identity", [result], "logits")
+        g.node("Softmax", ["logits"], "probabilities", axis=1)
+        outputs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, ["batch", *shape]) for n in ("logits", "probabilities")]
+    else:
+        g.node("Identity", [result], "features")
+        shape = [None, None, shape[2]] if dynamic and len(shape) == 3 else shape  # the map's size follows the input's
+        outputs = [helper.make_tensor_value_info("features", TensorProto.FLOAT, ["batch", *shape])]
+    graph = helper.make_graph(g.nodes, spec.id, [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["batch", h, w, c])], outputs)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], producer_name="zoo")
     model.ir_version = min(model.ir_version, onnx.IR_VERSION)
     meta = {"zoo.spec": spec.id, "zoo.fingerprint": spec.fingerprint, "zoo.classes": json.dumps(classes),
-            "zoo.input": json.dumps(spec.input), "zoo.layout": "NHWC, preprocessed as zoo.input says"}
+            "zoo.input": json.dumps(part.input), "zoo.layout": "NHWC, preprocessed as zoo.input says"}
     helper.set_model_props(model, meta)
     return model, g.inits
+
+
+def _nodes(part: Part, tensors: dict[str, np.ndarray]) -> tuple[GraphBuilder, str]:
+    """The part's layers as nodes from the input `image` on (NHWC), and the name of its output: a map back
+    in NHWC, or pooled as the part says."""
+    g = GraphBuilder(tensors)
+    outputs = {INPUT: g.node("Transpose", ["image"], "image_nchw", perm=[0, 3, 1, 2])}
+    for node in part.nodes:
+        outputs[node.name] = KINDS[node.kind].onnx(node, g, [outputs[i] for i in node.inputs])
+    result = outputs[part.outputs[0]]
+    if part.pooling:
+        return g, g.node("Flatten", [g.node("GlobalAveragePool" if part.pooling == "avg" else "GlobalMaxPool", [result])], axis=1)
+    if len(part.output_shape(part.outputs[0])) == 3:
+        return g, g.node("Transpose", [result], perm=[0, 2, 3, 1])
+    return g, result
+
+
+SIZES_CHECKED = 32
+
+
+def size_free(part: Part, tensors: dict[str, np.ndarray]) -> bool:
+    """Whether `part` can take any input size from its own up in one ONNX graph: its nodes and constants are
+    the same at each of the SIZES_CHECKED sizes above it (both sides grown together), and every layer takes
+    them. A layer's padding and rounding depend on the size only through its remainder by the strides before
+    it, whose product is 32 in every registered network, so those sizes meet every case; a dense layer after a
+    flatten, or an adaptive pooling, fails at the first."""
+    def signature(p: Part):
+        g, _ = _nodes(p, tensors)
+        return ([n.SerializeToString() for n in g.nodes],
+                [(name, a.shape, None if name in tensors else a.tobytes()) for name, a in g.inits])
+
+    h, w = part.size
+    want = signature(part)
+    for d in range(1, SIZES_CHECKED + 1):
+        try:
+            other = select(part.spec, pooling=part.pooling, outputs=part.outputs, input_size=(h + d, w + d))
+        except ZooError:
+            return False
+        if signature(other) != want:
+            return False
+    return True
 
 
 def _varint(n: int) -> bytes:
