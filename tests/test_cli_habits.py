@@ -69,11 +69,15 @@ def test_progress_is_quiet_for_short_work_and_plain_lines_off_a_terminal(capsys,
 def test_finetune_json_is_the_whole_stdout(cli, tmp_path, narrow_spec, example_data):
     import json
 
-    code, out, err = cli("finetune", narrow_spec.id, "--data", example_data, "--head", "2", "--train", "fc8", "--epochs", "1",
-                         "--batch-size", "8", "--no-augment", "--out", tmp_path / "run", "--json")
+    code, out, err = cli("finetune", narrow_spec.id, "--weights", "random", "--data", example_data, "--head", "2", "--train", "fc8",
+                         "--epochs", "1", "--batch-size", "8", "--no-augment", "--out", tmp_path / "run", "--json")
     assert code == 0, err
     assert json.loads(out)["trained_layers"] == ["fc8"]  # progress and messages went to stderr
     assert "epoch 1/1" in err and "zoo: fine-tuning" in err
+    code, out, _ = cli("verify", tmp_path / "run" / "weights.safetensors")
+    assert code == 0 and out.rstrip().endswith(f"fine-tuned from {narrow_spec.id} for circle, square")
+    code, out, _ = cli("verify", tmp_path / "run" / "checkpoints" / "best.safetensors")
+    assert code == 0 and "for circle, square (epoch 1, validation accuracy" in out
 
 
 def test_example_weights_keep_every_layer_at_unit_scale(narrow_spec, example_data):

@@ -26,7 +26,7 @@ def finished(tmp_path_factory, example_data):
     run = tmp_path_factory.mktemp("report") / "run"
     stdout = io.StringIO()
     with contextlib.redirect_stdout(stdout):
-        code = main(["finetune", "narrow", "--data", str(example_data), "--epochs", "2", "--batch-size", "32", "--optimizer", "adam",
+        code = main(["finetune", "narrow", "--weights", "random", "--data", str(example_data), "--epochs", "2", "--batch-size", "32", "--optimizer", "adam",
                      "--lr", "0.003", "--train", "conv2,fc6,fc7,fc8", "--out", str(run), "--json"])
     assert code == 0
     lines = stdout.getvalue().splitlines()

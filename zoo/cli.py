@@ -151,9 +151,21 @@ def cmd_verify(args):
         _print_json(report)
     else:
         print(f"ok: {args.file} holds every tensor of {w.spec.id} ({w.spec.num_classes} classes, fingerprint "
-              f"{w.spec.fingerprint}) with the right shapes and dtypes, all finite; source "
-              f"{w.metadata.get('source_format', '?')}" + (f" sha256 {w.metadata['source_sha256'][:16]}" if "source_sha256" in w.metadata else ""))
+              f"{w.spec.fingerprint}) with the right shapes and dtypes, all finite; {_origin(w)}")
     return 0
+
+
+def _origin(w) -> str:
+    """Where a weights file came from, as its metadata says: a conversion's source, or a fine-tune."""
+    meta = w.metadata
+    if "source_format" in meta:
+        return f"source {meta['source_format']}" + (f" sha256 {meta['source_sha256'][:16]}" if "source_sha256" in meta else "")
+    if w.classes:
+        shown = ", ".join(w.classes[:5]) + (", ..." if len(w.classes) > 5 else "")
+        base = f" from {meta['base_spec']}" if "base_spec" in meta else ""
+        best = f" (epoch {meta['epoch']}, validation accuracy {float(meta['val_accuracy']):.3f})" if "val_accuracy" in meta else ""
+        return f"fine-tuned{base} for {shown}{best}"
+    return "no record of its origin in its metadata"
 
 
 def cmd_plugins(args):
@@ -438,7 +450,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="false: the headless trunk, its output map (ONNX: of any input size where the layers allow it)")
     p.add_argument("--pooling", choices=POOLINGS, help="global pooling of the headless trunk's map (with --include-top false)")
 
-
     p = _command(sub, "predict", cmd_predict, "top-k classes of images from an ONNX file, a SavedModel or weights",
                  "zoo predict runs/finetune/exported/model.onnx photo.jpg photos/ --top 3")
     p.add_argument("model", help="model.onnx, a SavedModel folder, a .safetensors file, stored weights' name or a run folder")
@@ -455,7 +466,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pooling", choices=POOLINGS, help="global pooling of a spatial output: one value per channel")
     p.add_argument("--input-size", type=_size, metavar="HxW", help="input size, where the layers allow it (default: the spec's)")
     p.add_argument("--batch-size", type=int, default=32)
-
 
     p = _command(sub, "report", cmd_report, "a run's curves, confusion matrix and most confidently wrong images (RUN/report/)",
                  "zoo report runs/finetune")
