@@ -39,13 +39,13 @@ import numpy as np
 from zoo.errors import ZooError
 from zoo.hookspecs import hookimpl
 from zoo.layouts import Deferred
+from zoo.mapped import MappedZip
 from zoo.sources import Imported, Params, WeightSource, fit_params, map_file, mapping_notes, release_pages
 from zoo.spec import ModelSpec
 
 _HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"
 _ZIP_MAGIC = b"PK\x03\x04"
 _WEIGHTS, _CONFIG = "model.weights.h5", "config.json"  # a .keras archive's members (keras.src.saving.saving_lib)
-_INFLATE_LIMIT = 4  # float weights deflate by far less: a compressed member claiming more is corrupt or hostile
 
 
 def _natural(name: str):
@@ -186,25 +186,6 @@ class _InPlace(io.RawIOBase):
         return len(chunk)
 
 
-def _zip_member(archive: zipfile.ZipFile, name: str, data, path):
-    """A member's bytes: a view of the mapped archive when stored (as Keras stores them), else inflated, bounded."""
-    info = archive.getinfo(name)
-    if info.flag_bits & 1:
-        raise ZooError(f"{name} is encrypted", path)
-    if info.compress_type != zipfile.ZIP_STORED:
-        if info.file_size > _INFLATE_LIMIT * len(data):
-            raise ZooError(f"{name} claims {info.file_size:,} bytes inflated, over {_INFLATE_LIMIT}x the archive", path)
-        return archive.read(name)
-    start = info.header_offset  # the data follows the local header: 30 bytes, the name, an extra field
-    if bytes(data[start:start + 4]) != _ZIP_MAGIC:
-        raise ZooError(f"{name}: no local zip header where the directory says", path)
-    name_len, extra_len = struct.unpack("<HH", data[start + 26:start + 30])
-    begin = start + 30 + name_len + extra_len
-    if begin + info.file_size > len(data):
-        raise ZooError(f"{name} claims {info.file_size:,} bytes past the end of the archive (truncated?)", path)
-    return memoryview(data)[begin:begin + info.file_size]
-
-
 def _keras_archive(path, data):
     """(model.weights.h5's bytes, config.json parsed) of a `.keras` zip."""
     try:
@@ -213,7 +194,8 @@ def _keras_archive(path, data):
             if not {_WEIGHTS, _CONFIG} <= names:
                 npz = " (its weights are model.weights.npz; zoo reads the h5 form)" if "model.weights.npz" in names else ""
                 raise ZooError(f"a zip without {_WEIGHTS} and {_CONFIG}: not a Keras .keras archive{npz}", path)
-            return _zip_member(archive, _WEIGHTS, data, path), json.loads(bytes(_zip_member(archive, _CONFIG, data, path)))
+            members = MappedZip(archive, data, path)
+            return members.read(_WEIGHTS), json.loads(bytes(members.read(_CONFIG)))
     except (zipfile.BadZipFile, zlib.error, struct.error, EOFError, NotImplementedError, RuntimeError, ValueError) as e:  # deep JSON: RuntimeError
         raise ZooError(f"not a readable .keras archive ({type(e).__name__}: {e})", path) from None
 

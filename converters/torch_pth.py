@@ -31,6 +31,7 @@ import numpy as np
 from zoo import safe_pickle
 from zoo.errors import ZooError
 from zoo.hookspecs import hookimpl
+from zoo.mapped import MappedZip
 from zoo.sources import Imported, Params, WeightSource, fit_params, map_file, mapping_notes, release_pages
 
 # torch storage classes -> numpy dtypes (bfloat16 is read as its bits and widened to float32 after the checks)
@@ -163,6 +164,7 @@ class ZipTorchFile(_TorchFile):
             self.zip = zipfile.ZipFile(path)
         except (zipfile.BadZipFile, OSError, ValueError, EOFError) as e:
             raise ZooError(f"not a torch.save zip nor a legacy torch.save file ({e})", path) from None
+        self.members = MappedZip(self.zip, data, path)
         pickles = [n for n in self.zip.namelist() if n.endswith("/data.pkl") and n.count("/") == 1]
         if len(pickles) != 1:
             raise ZooError("no <name>/data.pkl in the zip: not a torch.save file", path)
@@ -173,24 +175,11 @@ class ZipTorchFile(_TorchFile):
 
     def _member(self, name: str, required=True):
         try:
-            info = self.zip.getinfo(name)
+            return self.members.read(name)
         except KeyError:
             if required:
                 raise ZooError(f"missing {name} in the zip", self.path) from None
             return None
-        if info.compress_type != zipfile.ZIP_STORED:  # torch never compresses; a small one is fine to inflate
-            if info.file_size > len(self.data) * 4:
-                raise ZooError(f"{name} claims {info.file_size} bytes", self.path)
-            return memoryview(self.zip.read(name))
-        # the data follows the local header: 30 bytes + name + extra field
-        start = info.header_offset
-        if not 0 <= start <= len(self.data) - 30 or bytes(self.data[start:start + 4]) != b"PK\x03\x04":
-            raise ZooError(f"{name}: no local zip header where the directory says", self.path)
-        name_len, extra_len = struct.unpack("<HH", self.data[start + 26:start + 30])
-        begin = start + 30 + name_len + extra_len
-        if begin + info.file_size > len(self.data):
-            raise ZooError(f"{name} claims {info.file_size} bytes past the end of the file (truncated?)", self.path)
-        return memoryview(self.data)[begin:begin + info.file_size]
 
     def _found(self, storage):
         storage.locate(self._member(f"{self.prefix}data/{storage.key}"))

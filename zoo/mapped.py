@@ -1,4 +1,4 @@
-"""Memory-mapped files: zero-copy reading, and letting pages go once they are no longer needed.
+"""Memory-mapped files: zero-copy reading (of zip members too), and letting pages go once they are no longer needed.
 
 A mapped page that was read or written counts in the process's resident memory until it is dropped;
 the file keeps it in the page cache, so dropping costs nothing but a re-read if it is touched again.
@@ -8,8 +8,12 @@ from __future__ import annotations
 
 import mmap
 import os
+import struct
+import zipfile
 
 import numpy as np
+
+from zoo.errors import ZooError
 
 
 def map_file(path):
@@ -35,3 +39,37 @@ def release_pages(data, arr: np.ndarray) -> None:
     lo, hi = np.lib.array_utils.byte_bounds(arr)
     if base <= lo and hi <= base + len(data):
         drop_pages(data, lo - base, hi - base)
+
+
+INFLATE_RATIO = 4  # float weights deflate by far less: an archive claiming more is corrupt or hostile
+_LOCAL_HEADER = b"PK\x03\x04"
+
+
+class MappedZip:
+    """The members of a zip archive whose bytes are `data` (map_file): a stored member is a zero-copy view of
+    them, a compressed one is inflated. All members inflated together stay within INFLATE_RATIO times the
+    archive's size: a cap per member would let many members add up to any size."""
+
+    def __init__(self, archive: zipfile.ZipFile, data, path=None):
+        self.archive, self.data, self.path = archive, data, path
+        self.inflatable = INFLATE_RATIO * len(data)
+
+    def read(self, name: str) -> memoryview:
+        """The member's bytes (KeyError when there is none)."""
+        info = self.archive.getinfo(name)
+        if info.flag_bits & 1:
+            raise ZooError(f"{name} is encrypted", self.path)
+        if info.compress_type != zipfile.ZIP_STORED:
+            if info.file_size > self.inflatable:  # zipfile inflates no more than the size claimed
+                raise ZooError(f"{name} claims {info.file_size:,} bytes inflated: with the members before it, "
+                               f"over {INFLATE_RATIO}x the archive", self.path)
+            self.inflatable -= info.file_size
+            return memoryview(self.archive.read(name))
+        start = info.header_offset  # the data follows the local header: 30 bytes, the name, an extra field
+        if not 0 <= start <= len(self.data) - 30 or bytes(self.data[start:start + 4]) != _LOCAL_HEADER:
+            raise ZooError(f"{name}: no local zip header where the directory says", self.path)
+        name_len, extra_len = struct.unpack_from("<HH", self.data, start + 26)
+        begin = start + 30 + name_len + extra_len
+        if begin + info.file_size > len(self.data):
+            raise ZooError(f"{name} claims {info.file_size:,} bytes past the end of the archive (truncated?)", self.path)
+        return memoryview(self.data)[begin:begin + info.file_size]
