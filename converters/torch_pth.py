@@ -17,7 +17,6 @@ the order and shapes of the weighted layers.
 from __future__ import annotations
 
 import math
-import pickle
 import re
 import struct
 import zipfile
@@ -42,9 +41,6 @@ STORAGE_DTYPES = {
 }
 _MAGIC, _LEGACY_PROTOCOL = 0x1950A86A20F9469CFC6C, 1001  # torch.serialization's MAGIC_NUMBER, PROTOCOL_VERSION
 _MAGIC_LONG = b"\x8a\x0al\xfc\x9cF\xf9 j\xa8P\x19"  # LONG1 of the magic: how pickle protocols 2-5 write it
-# what pickle raises on a malformed stream (as safe_pickle.load maps them for a single pickle)
-_PICKLE_ERRORS = (pickle.UnpicklingError, EOFError, ValueError, TypeError, struct.error, MemoryError, OverflowError,
-                  KeyError, IndexError, AttributeError, UnicodeDecodeError, RecursionError)
 
 
 class _StorageType(NamedTuple):
@@ -201,16 +197,14 @@ class LegacyTorchFile(_TorchFile):
     def load(self):
         try:
             return self._load()
-        except ZooError as e:
-            raise (type(e)(_one_line(str(e)), self.path) if e.path is None else e) from None
-        except _PICKLE_ERRORS as e:
-            raise ZooError(_one_line(f"not a valid legacy torch.save stream ({type(e).__name__}: {e})"), self.path) from None
+        except ZooError as e:  # the stream's own checks name no file
+            raise (type(e)(safe_pickle.one_line(str(e)), self.path) if e.path is None else e) from None
 
     def _load(self):
         reader = safe_pickle.BufferReader(self.data)
 
-        def unpickle():  # the next pickle of the stream, with a memo of its own
-            return safe_pickle.RestrictedUnpickler(reader, ALLOWED, self.persistent_load).load()
+        def unpickle():
+            return safe_pickle.load_next(reader, ALLOWED, self.persistent_load, self.path, "legacy torch.save stream")
 
         magic, version, sys_info = unpickle(), unpickle(), unpickle()
         if magic != _MAGIC:
@@ -219,7 +213,7 @@ class LegacyTorchFile(_TorchFile):
             raise ZooError(f"legacy torch.save protocol version {str(version)[:20]}: only {_LEGACY_PROTOCOL} is known")
         if not isinstance(sys_info, dict) or sys_info.get("little_endian") is not True:
             raise ZooError("not a little-endian file (its sys_info's little_endian is not True): only those are supported")
-        obj = safe_pickle.resolve(unpickle())
+        obj = unpickle()
         self._locate(unpickle(), len(self.data) - reader.remaining)
         return obj
 
@@ -237,10 +231,6 @@ class LegacyTorchFile(_TorchFile):
                 raise ZooError(f"storage {key!r} holds {count} elements where the pickle says {storage.numel}")
             storage.locate(self.data, pos + 8)
             pos += 8 + storage.numel * storage.dtype.itemsize
-
-
-def _one_line(text: str) -> str:
-    return text.encode("unicode_escape").decode("ascii")[:400]  # names in it come from the file: keep it one line
 
 
 def _is_legacy(head: bytes) -> bool:

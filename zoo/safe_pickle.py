@@ -419,22 +419,33 @@ class SmallReader(io.BytesIO):
         return data
 
 
-def _one_line(message: str, limit: int = 400) -> str:
-    # names and reprs in a message come from the file: escape what would break the line, cut what is long
+def one_line(message: str, limit: int = 400) -> str:
+    """`message` as one line of at most `limit` characters: names and reprs in it come from the file, so what
+    would break the line is escaped and what is long is cut."""
     text = "".join(c if c.isprintable() else repr(c)[1:-1] for c in message[:limit])
     return text + ("..." if len(message) > limit else "")
+
+
+# what pickle raises on a malformed stream
+_PICKLE_ERRORS = (pickle.UnpicklingError, EOFError, ValueError, TypeError, struct.error, MemoryError, OverflowError,
+                  KeyError, IndexError, AttributeError, UnicodeDecodeError, RecursionError)
 
 
 def load(buffer, allowed: dict = NUMPY_GLOBALS, persistent_load=None, path=None):
     """Unpickle one object from `buffer` (bytes, or a slice of a mapped file) with only `allowed` globals.
     Either reader is bounded by the buffer: a short read ends the load, nothing is allocated for a claim."""
+    return load_next(SmallReader(bytes(buffer)) if len(buffer) <= SMALL else BufferReader(buffer), allowed, persistent_load, path)
+
+
+def load_next(reader, allowed: dict = NUMPY_GLOBALS, persistent_load=None, path=None, what: str = "pickle"):
+    """The next pickle from `reader` (a BufferReader or SmallReader), with a memo of its own: a stream of pickles
+    (torch's legacy format) is read one call each. Any failure is a one-line ZooError naming `path`; a malformed
+    stream is "not a valid `what`"."""
     try:
-        file = SmallReader(bytes(buffer)) if len(buffer) <= SMALL else BufferReader(buffer)
-        return RestrictedUnpickler(file, allowed, persistent_load).load()
+        return RestrictedUnpickler(reader, allowed, persistent_load).load()
     except ZooError as e:
         if e.path is not None:
             raise
-        raise type(e)(_one_line(str(e)), path) from None
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, struct.error, MemoryError, OverflowError,
-            KeyError, IndexError, AttributeError, UnicodeDecodeError, RecursionError) as e:
-        raise ZooError(_one_line(f"not a valid pickle ({type(e).__name__}: {e})"), path) from None
+        raise type(e)(one_line(str(e)), path) from None
+    except _PICKLE_ERRORS as e:
+        raise ZooError(one_line(f"not a valid {what} ({type(e).__name__}: {e})"), path) from None
