@@ -83,6 +83,43 @@ def _checker(part: Part):
     return compare if part.logits else partial(compare, ranks=False)
 
 
+# --- replacing an earlier export -----------------------------------------------------------------------
+
+ONNX_FILES = ("model.onnx.data", "model.onnx")  # the main file last
+EXPORTS = (("savedmodel",), ONNX_FILES)
+
+
+def swap_in(out: Path, new: dict[str, Path]):
+    """Move each new file or folder to out/<name>, the last name being the export's main file; a name whose new
+    path does not exist is removed. The earlier export goes aside first (main file first) and is deleted
+    last, so a kill at any moment leaves the earlier export whole (in place, or aside where recover() puts
+    it back) or the new one whole: never a mix, never nothing."""
+    names = list(new)
+    aside = recover(out, names)
+    aside.mkdir()
+    for name in reversed(names):  # while the main file is in place, the earlier export is whole
+        if (out / name).exists():
+            os.replace(out / name, aside / name)
+    for name in names:  # once the main file is in place, the new export is whole
+        if new[name].exists():
+            os.replace(new[name], out / name)
+    shutil.rmtree(aside)
+
+
+def recover(out: Path, names: list[str]) -> Path:
+    """Finish or undo a swap_in of `names` that was killed: without its main file in place, what went aside
+    goes back over what came in (the main file is absent; the others are files). Returns the aside folder's
+    path (absent now)."""
+    aside = out / f".{names[-1]}.old"
+    if aside.exists():
+        if not (out / names[-1]).exists():
+            for name in names:
+                if (aside / name).exists():
+                    os.replace(aside / name, out / name)
+        shutil.rmtree(aside)
+    return aside
+
+
 # --- ONNX -------------------------------------------------------------------------------------------
 
 
@@ -116,12 +153,7 @@ def export_onnx(src: Source, out: Path, reference, opset: int = DEFAULT_OPSET, e
         for size, g in zip(sizes, got):
             _checker(part)("the ONNX model (ONNX Runtime" + (f", at {size[0]}x{size[1]})" if size else ")"), g,
                            reference(size) if size else reference(), target)
-        data = tmp / (target.name + ".data")
-        if data.exists():
-            os.replace(data, out / data.name)
-        else:
-            (out / data.name).unlink(missing_ok=True)  # an earlier export's weights would be stale
-        os.replace(tmp / target.name, target)
+        swap_in(out, {n: tmp / n for n in ONNX_FILES})  # no .data file: an earlier export's goes
     except onnx.checker.ValidationError as e:
         raise ZooError(f"onnx.checker rejected the model: {str(e).splitlines()[0]}", target) from None
     finally:
@@ -182,9 +214,7 @@ def export_savedmodel(src: Source, out: Path, model, reference: np.ndarray | Non
             loaded = tf.saved_model.load(str(tmp))
             got = loaded.signatures["serving_default"](image=tf.constant(check_batch(part)))
             _checker(part)("the SavedModel", got["logits" if part.logits else "features"].numpy(), reference, target)
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
+        swap_in(out, {"savedmodel": tmp})
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
         (out / ".classes.txt").unlink(missing_ok=True)
@@ -209,6 +239,8 @@ def export(source, formats=FORMATS, out=None, opset: int = DEFAULT_OPSET, includ
     src = open_source(source, include_top, pooling)
     out = Path(out) if out else (Path(source) if Path(source).is_dir() else Path(source).parent) / "exported"
     out.mkdir(parents=True, exist_ok=True)
+    for names in EXPORTS:  # an earlier export killed half-way is whole again before anything is written
+        recover(out, list(names))
     from functools import cache
 
     @cache

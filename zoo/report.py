@@ -96,14 +96,14 @@ def write_report(run_dir) -> Path:
 
 
 def read_metrics(path: Path) -> list[dict]:
-    """metrics.csv's rows as floats, one per epoch (1-based "epoch"). A run killed between the CSV row and the
+    """metrics.csv's rows as floats, one per epoch ("epoch" counts from 1, as the console does). A run killed between the CSV row and the
     checkpoint repeats that epoch on resume: the later row wins."""
     if not path.exists():
         return []
     with open(path, newline="") as f:
         rows = {int(row["epoch"]): row for row in csv.DictReader(f)}
     # a column a row lacks (a metric added on resume) is empty: not a number
-    return [{k: float(v or "nan") for k, v in row.items()} | {"epoch": epoch + 1} for epoch, row in sorted(rows.items())]
+    return [{k: float(v or "nan") for k, v in row.items()} | {"epoch": epoch} for epoch, row in sorted(rows.items())]
 
 
 def evaluate(run: Path, cfg, state: dict, classes: list[str]) -> Evaluation:

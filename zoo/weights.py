@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import secrets
 from dataclasses import dataclass
 from pathlib import Path
@@ -95,8 +96,32 @@ def spec_metadata(spec: ModelSpec) -> dict[str, str]:
 
 
 def atomic_output(path: Path) -> Path:
-    """A fresh temporary name beside `path`, for write-then-rename."""
+    """A fresh temporary name beside `path`, for write-then-rename; it names the writer's pid, so that the
+    temporary files of writers killed before they could remove them are found and removed here first."""
+    remove_stale_temps(path.parent)
     return path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(6)}.tmp")
+
+
+_TEMP = re.compile(r"\..+\.(\d+)\.[0-9a-f]{12}\.tmp")
+
+
+def remove_stale_temps(folder: Path) -> list[Path]:
+    """Remove atomic_output's files in `folder` whose writer is no longer running (kill -9, power loss: they
+    are full-size); those of live processes stay. Returns what was removed."""
+    stale = [p for p in folder.glob(".*.tmp") if (m := _TEMP.fullmatch(p.name)) and not _alive(int(m[1]))]
+    for p in stale:
+        p.unlink(missing_ok=True)
+    return stale
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process: alive
+        pass
+    return True
 
 
 _DTYPES = {"float32": "F32", "float16": "F16", "float64": "F64", "int64": "I64", "int32": "I32", "uint8": "U8"}

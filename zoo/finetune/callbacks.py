@@ -12,8 +12,39 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from zoo.errors import ZooError
 from zoo.finetune.checkpoints import atomic_write_text, checkpoint_arrays, read_state, trained_tensors, write_slot
 from zoo.progress import bar
+
+
+class StopOnNaN(keras.callbacks.TerminateOnNaN):
+    """Keras' check for a NaN or infinite loss after every step, stopping the run at once with its error: the
+    epoch's checkpoint is then never written, so the last one on disk is good (a graceful stop would still
+    call on_epoch_end and checkpoint NaN weights, and training on would end in NaN weights)."""
+
+    def __init__(self, run: Path, lr: float):
+        super().__init__(raise_error=True)
+        self.folder, self.lr, self.epoch = run / "checkpoints", lr, 0
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.epoch = epoch
+
+    def on_batch_end(self, batch, logs=None):
+        try:
+            super().on_batch_end(batch, logs)
+        except RuntimeError:
+            state = read_state(self.folder)
+            last = (f"the last good checkpoint is {self.folder / state['last']} (epoch {state['epoch']})" if "last" in state
+                    else "no epoch finished, so there is no checkpoint")
+            raise ZooError(f"training diverged: the loss became {float(logs['loss'])} in epoch {self.epoch + 1}, step {batch + 1}. "
+                           f"Try a lower --lr than {self.lr:g} in a new run; {last}", self.folder.parent) from None
+
+
+class Metrics(keras.callbacks.CSVLogger):
+    """metrics.csv, epochs counted from 1 as on the console and in state.json (Keras' CSVLogger counts from 0)."""
+
+    def on_epoch_end(self, epoch, logs=None):
+        super().on_epoch_end(epoch + 1, logs)
 
 
 class Checkpoint(keras.callbacks.Callback):
@@ -109,7 +140,7 @@ class Progress(keras.callbacks.Callback):
 
 def build_callbacks(plan, full_model, probe) -> list:
     run, cfg = plan.run, plan.cfg
-    callbacks = [Progress(cfg.epochs, cfg.batch_size), keras.callbacks.CSVLogger(str(run / "metrics.csv"), append=True),
+    callbacks = [StopOnNaN(run, cfg.lr), Progress(cfg.epochs, cfg.batch_size), Metrics(str(run / "metrics.csv"), append=True),
                  keras.callbacks.TensorBoard(str(run / "tensorboard"), histogram_freq=0, write_graph=False),
                  Checkpoint(run, full_model, plan.spec, plan.train.classes, plan.trained)]
     return callbacks + ([Histograms(run, probe)] if probe is not None else [])

@@ -9,6 +9,30 @@ from pathlib import Path
 
 from zoo.errors import ZooError
 
+LOCK = ".lock"
+
+
+def lock_run(run: Path):
+    """RUN/.lock, held (flock) while a run writes its folder: a second `zoo finetune` on the folder is refused.
+    The kernel releases it when the holder exits, however it exits: a dead run's leftover file never blocks.
+    Returns the open file; closing it releases the lock."""
+    import fcntl
+
+    run.mkdir(parents=True, exist_ok=True)
+    f = open(run / LOCK, "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip()
+        f.close()
+        raise ZooError(f"another zoo finetune (pid {holder or '?'}) is writing this run folder; wait for it or use "
+                       "another --out", run) from None
+    f.truncate(0)
+    f.write(str(os.getpid()))
+    f.flush()
+    return f
+
 
 def atomic_write_text(path: Path, text: str):
     tmp = path.with_name(path.name + ".tmp")

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import argparse
 import json
-from dataclasses import asdict, dataclass, field, fields
+import os
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 from zoo.errors import ZooError
@@ -32,6 +33,7 @@ class FinetuneConfig:
     train_list: str | None = option(None, "list file: one 'path label' per line (the seed's format)")
     val_list: str | None = option(None, "validation list file")
     classes: str | None = option(None, "file with the class names, one per line")
+    skip_bad_images: bool = option(False, "drop images that do not decode (counted), instead of stopping", flag="--skip-bad-images")
     train: list[str] | None = option(None, "comma-separated layers or globs to train (the rest is frozen), e.g. fc7,fc8 or 'layer4*,fc'")
     freeze: list[str] | None = option(None, "comma-separated layers or globs to freeze (the rest is trained), e.g. 'conv*'")
     epochs: int = option(10, "epochs in all (with --resume: the run's own unless given)")
@@ -92,11 +94,22 @@ def configure(config: FinetuneConfig | None, overrides: dict) -> FinetuneConfig:
         saved = Path(cfg.out) / "config.json"
         if not saved.exists():
             raise ZooError("nothing to resume: no config.json", Path(cfg.out))
-        # the saved settings, so the schedule and data order go on as planned
+        # the saved settings, so the schedule and data order go on as planned; the folder is the one given now
         more = {"epochs": overrides["epochs"]} if "epochs" in overrides else {}
-        cfg = FinetuneConfig(**(json.loads(saved.read_text()) | {"resume": True} | more))
+        cfg = FinetuneConfig(**(json.loads(saved.read_text()) | {"resume": True, "out": cfg.out} | more))
+    else:
+        cfg = replace(cfg, **{k: _absolute(getattr(cfg, k)) for k in PATHS})
     check(cfg)
     return cfg
+
+
+PATHS = ("weights", "data", "train_list", "val_list", "classes")
+
+
+def _absolute(value):
+    """An existing file or folder as an absolute path: config.json is read wherever --resume runs. Anything else
+    as it is (None, a stored weights name, a path whose error comes later naming it as given)."""
+    return str(Path(value).absolute()) if isinstance(value, (str, os.PathLike)) and Path(value).exists() else value
 
 
 def check(cfg: FinetuneConfig) -> None:
@@ -106,5 +119,9 @@ def check(cfg: FinetuneConfig) -> None:
             raise ZooError(f"--{f.name.replace('_', '-')} must be one of {', '.join(f.metadata['choices'])}, not {value!r}")
     if cfg.epochs < 1 or cfg.batch_size < 1 or cfg.lr <= 0:
         raise ZooError("--epochs and --batch-size must be positive, --lr above 0")
+    if cfg.head is not None and cfg.head < 2:  # 0 would otherwise read as "the data's classes"
+        raise ZooError(f"--head must be at least 2 classes, not {cfg.head}")
+    if not 0 <= cfg.seed < 2**32:  # NumPy's and TensorFlow's seeds
+        raise ZooError(f"--seed must be between 0 and 2**32 - 1, not {cfg.seed}")
     if not 0 < cfg.val_fraction < 1:
         raise ZooError("--val-fraction must be between 0 and 1")

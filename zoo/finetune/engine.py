@@ -7,13 +7,23 @@ import json
 from dataclasses import asdict
 from pathlib import Path
 
+from zoo.errors import ZooError
 from zoo.finetune.config import FinetuneConfig, FinetuneResult, configure
-from zoo.finetune.plan import Plan, make_plan, say
+from zoo.finetune.plan import Plan, make_plan, resume_state, say
 
 
 def finetune(config: FinetuneConfig | None = None, **overrides) -> FinetuneResult:
     """Fine-tune as `config` (or FinetuneConfig's defaults) with `overrides` says; see zoo.finetune.config."""
+    from zoo.finetune.checkpoints import lock_run
+
     plan = make_plan(configure(config, overrides))
+    with lock_run(plan.run):
+        if resume_state(plan.cfg, plan.run) != plan.state:  # planned before the lock: another run may have written since
+            raise ZooError("another zoo finetune wrote this run folder while this one was starting; check it", plan.run)
+        return _start(plan)
+
+
+def _start(plan: Plan) -> FinetuneResult:
     import keras
 
     from zoo.finetune.checkpoints import atomic_write_text
@@ -22,11 +32,15 @@ def finetune(config: FinetuneConfig | None = None, **overrides) -> FinetuneResul
     (plan.run / "checkpoints").mkdir(parents=True, exist_ok=True)
     if not plan.cfg.resume:
         atomic_write_text(plan.run / "config.json", json.dumps(asdict(plan.cfg), indent=2))
+        atomic_write_text(plan.run / "checkpoints" / "state.json", json.dumps({"base_weights": plan.base_weights}))
     # before training, so that `zoo report` can evaluate an interrupted run: the validation list in the seed's
     # `path label` format (absolute paths: the report may run from elsewhere)
     atomic_write_text(plan.run / "classes.txt", "\n".join(plan.train.classes) + "\n")
     atomic_write_text(plan.run / "val.txt", "".join(f"{Path(p).absolute()} {y}\n" for p, y in zip(plan.val.paths, plan.val.labels)))
     full, base, model = build(plan)
+    if plan.finishing:
+        say(f"{plan.run} ran all its {plan.first_epoch} epochs but did not write its final files: writing them")
+        return finish(plan, full)
     say(f"fine-tuning {plan.spec.id} -> {plan.spec.num_classes} classes ({', '.join(plan.train.classes)}); training "
         f"{', '.join(plan.trained)}; {len(plan.train)} train / {len(plan.val)} val images; "
         f"{'cached features' if plan.cache else 'full forward'}; run folder {plan.run}")
@@ -87,6 +101,15 @@ def fit(plan: Plan, full, base, model) -> FinetuneResult:
     return result
 
 
+def finish(plan: Plan, full) -> FinetuneResult:
+    """The end of a run whose epochs all ran (the model restored from the last one): best.safetensors, then the
+    weights, as fit's end writes them."""
+    from zoo.finetune.callbacks import Checkpoint
+
+    Checkpoint(plan.run, full, plan.spec, plan.train.classes, plan.trained).on_train_end()
+    return _results(plan, full, [])
+
+
 def _probe(plan: Plan, full, model):
     """The histograms' fixed batch: (model of the trained layers, its input, labels); the frozen layers'
     output for it is computed once (7 s an epoch for AlexNet's fc7+fc8)."""
@@ -103,7 +126,7 @@ def _probe(plan: Plan, full, model):
 def _results(plan: Plan, full, history: list[dict]) -> FinetuneResult:
     """Verified weights with the new head, class names; the result."""
     from zoo.backends.keras import model_tensors
-    from zoo.finetune.checkpoints import read_state
+    from zoo.finetune.checkpoints import atomic_write_text, read_state
     from zoo.weights import save_weights
 
     cfg, classes = plan.cfg, plan.train.classes
@@ -112,6 +135,8 @@ def _results(plan: Plan, full, history: list[dict]) -> FinetuneResult:
             "base_weights_sha256": plan.weights.metadata.get("source_sha256", "") if plan.weights else "random-init"}
     out = save_weights(plan.run / "weights.safetensors", plan.spec, model_tensors(full, plan.spec), meta)
     state = read_state(plan.run / "checkpoints")
+    state["finished"] = state["epoch"]  # every file written: --resume now needs more --epochs
+    atomic_write_text(plan.run / "checkpoints" / "state.json", json.dumps(state))
     say(f"done: best val accuracy {state.get('best_val_accuracy', 0):.3f} (epoch {state.get('best_epoch')}); weights {out}")
     return FinetuneResult(plan.run, out, classes, plan.trained, plan.cache, history, state.get("best_val_accuracy", 0.0))
 

@@ -4,7 +4,6 @@ train, whether features can be cached, and where a resumed run stands."""
 from __future__ import annotations
 
 import fnmatch
-import json
 import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -32,10 +31,16 @@ class Plan:
     frozen_prefix: bool  # the frozen layers meet the trained ones in one tensor (zoo.graph.cut)
     cache: bool  # train on the frozen part's cached output
     state: dict  # checkpoints/state.json of a resumed run
+    base_weights: dict | None  # the --weights file's path, spec fingerprint and sha256, kept in state.json
 
     @property
     def first_epoch(self) -> int:
         return self.state.get("epoch", 0)
+
+    @property
+    def finishing(self) -> bool:
+        """Every epoch ran, but the final files were not all written (killed, or out of disk, at the end)."""
+        return self.first_epoch >= self.cfg.epochs
 
 
 def make_plan(cfg: FinetuneConfig) -> Plan:
@@ -62,7 +67,22 @@ def make_plan(cfg: FinetuneConfig) -> Plan:
         say(f"starting {spec.id} from RANDOM initialisation (weights random), not pretrained weights; "
             f"`zoo fetch {base_spec.id}` stores the published ones")
     run = Path(cfg.out)
-    return Plan(cfg, run, weights, base_spec, spec, train, val, trained, frozen_prefix, cache, _resume_state(cfg, run))
+    state = resume_state(cfg, run)
+    base = _base_weights(weights)
+    started = state.get("base_weights", base)  # runs before this check recorded none
+    if cfg.resume and started != base:
+        was = f"sha256 {started['sha256']}, spec fingerprint {started['fingerprint']}" if started else "random initialisation"
+        raise ZooError(f"not the base weights this run started from ({was}); resuming would train on other weights", cfg.weights)
+    return Plan(cfg, run, weights, base_spec, spec, train, val, trained, frozen_prefix, cache, state, base)
+
+
+def _base_weights(weights) -> dict | None:
+    from zoo.weights import file_digest
+
+    if weights is None:
+        return None
+    path = Path(weights.path).absolute()
+    return {"path": str(path), "fingerprint": weights.spec.fingerprint, "sha256": file_digest(path)}
 
 
 def _frozen_prefix(spec, trained: list[str]) -> bool:
@@ -85,14 +105,18 @@ def _caching(cfg: FinetuneConfig, frozen_prefix: bool) -> bool:
     return cfg.cache_features == "on" or (cfg.cache_features == "auto" and frozen_prefix and not cfg.augment)
 
 
-def _resume_state(cfg: FinetuneConfig, run: Path) -> dict:
+def resume_state(cfg: FinetuneConfig, run: Path) -> dict:
+    """checkpoints/state.json of the run to resume ({} for a new run), or a ZooError saying why there is none."""
+    from zoo.finetune.checkpoints import LOCK, read_state
+
+    if run.exists() and not run.is_dir():
+        raise ZooError("--out is a file, not a run folder", run)
     if not cfg.resume:
-        if run.exists() and any(run.iterdir()):
+        if run.exists() and any(p.name != LOCK for p in run.iterdir()):
             raise ZooError("run folder exists and is not empty; use --resume or another --out", run)
         return {}
-    state_file = run / "checkpoints" / "state.json"
-    state = json.loads(state_file.read_text()) if state_file.exists() else {}
-    if state.get("epoch", 0) >= cfg.epochs:
+    state = read_state(run / "checkpoints")
+    if state.get("epoch", 0) >= cfg.epochs and state.get("finished") == state["epoch"]:
         raise ZooError(f"the run already finished {state['epoch']} epochs; pass more --epochs to go on", run)
     return state
 
@@ -102,11 +126,12 @@ def load_samples(cfg: FinetuneConfig):
     from zoo import data
 
     classes = data.read_classes_file(cfg.classes) if cfg.classes else None
+    skip_bad = _dropped if cfg.skip_bad_images else None
     if cfg.train_list or cfg.val_list:
         if not (cfg.train_list and cfg.val_list):
             raise ZooError("give both --train-list and --val-list")
-        train = data.from_list(cfg.train_list, classes)
-        val = data.from_list(cfg.val_list, classes or train.classes)
+        train = data.from_list(cfg.train_list, classes, skip_bad)
+        val = data.from_list(cfg.val_list, classes or train.classes, skip_bad)
         names = classes or [str(i) for i in range(max(len(train.classes), len(val.classes)))]
         train.classes = val.classes = names
     else:
@@ -118,7 +143,7 @@ def load_samples(cfg: FinetuneConfig):
 
                 make_example(folder)
             say(f"no --data given: training on the built-in example ({folder}: drawn circles vs squares, generated)")
-        train, val = data.from_folder(folder, cfg.val_fraction, cfg.seed)
+        train, val = data.from_folder(folder, cfg.val_fraction, cfg.seed, skip_bad)
         if classes:
             if len(classes) != len(train.classes):
                 raise ZooError(f"--classes names {len(classes)} classes, the data has {len(train.classes)}", cfg.classes)
@@ -133,6 +158,13 @@ def load_samples(cfg: FinetuneConfig):
     if head > n:
         raise ZooError(f"--head {head} is larger than the data's {n} classes")
     return train, val, head
+
+
+def _dropped(bad: list[tuple]):
+    """--skip-bad-images: how many were dropped, and the first few."""
+    from zoo.data import name_bad
+
+    say(f"--skip-bad-images: dropped {len(bad)} image(s) that do not decode: {name_bad(bad)}")
 
 
 def resolve_trainable(layer_names: list[str], weighted: list[str], train, freeze) -> list[str]:
