@@ -129,7 +129,7 @@ def test_bad_inputs_one_line_and_no_run_folder(tmp_path, narrow_spec, example_da
     ]
     for args, message in cases:
         out = tmp_path / "run"
-        code, _, err = cli("finetune", "narrow", "--epochs", "1", "--out", out, *args)
+        code, _, err = cli("finetune", "narrow", "--weights", "random", "--epochs", "1", "--out", out, *args)
         assert code == 1 and message in err, err
         assert len(err.strip().splitlines()) == 1 and not out.exists(), err
 
