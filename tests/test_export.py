@@ -133,7 +133,7 @@ def test_predict_cli_on_all_three_artifacts(narrow_run, tmp_path, example_data, 
 
 
 def test_unknown_format_and_bad_source(narrow_run, tmp_path, cli):
-    code, _, err = cli("export", narrow_run, "--format", "tflite")
+    code, _, err = cli("export", narrow_run, "--format", "coreml")
     assert code == 1 and "unknown export format" in err
     code, _, err = cli("export", tmp_path / "nothing.safetensors")
     assert code == 1 and "nothing.safetensors" in err

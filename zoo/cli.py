@@ -224,12 +224,16 @@ def cmd_export(args):
 
     formats = [f.strip() for f in args.format.split(",") if f.strip()]
     top = args.include_top == "true"
-    written = export(_weights_file(args.source), formats=formats, out=args.out, opset=args.opset, include_top=top, pooling=args.pooling)
+    written = export(_weights_file(args.source), formats=formats, out=args.out, opset=args.opset, include_top=top, pooling=args.pooling,
+                     calibration=args.calibration)
     if args.json:
         _print_json({"exported": [str(p) for p in written]})
     for path in written if not args.json else ():
-        print(f"exported {path}: checked against the Keras model on a seeded batch (outputs within 1e-4 of their scale"
-              f"{', same top-5' if top else ''})")
+        if "-int8" in path.name:  # its agreement was reported on stderr and is in its metadata
+            print(f"exported {path}: int8, top-1 agreement with the float model measured on the calibration images")
+        else:
+            print(f"exported {path}: checked against the Keras model on a seeded batch (outputs within 1e-4 of their scale"
+                  f"{', same top-5' if top else ''})")
     return 0
 
 
@@ -443,7 +447,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = _command(sub, "export", cmd_export, "export a run or weights file to SavedModel and/or ONNX, checked against Keras",
                  "zoo export runs/finetune --format savedmodel,onnx")
     p.add_argument("source", help="run folder, verified .safetensors or stored weights' name (zoo weights)")
-    p.add_argument("--format", default="savedmodel,onnx", help="comma-separated: savedmodel, onnx")
+    p.add_argument("--format", default="savedmodel,onnx",
+                   help="comma-separated: savedmodel, onnx, keras, tflite, tflite-int8, onnx-int8 (default savedmodel,onnx)")
+    p.add_argument("--calibration", metavar="DIR", help="images for the int8 formats (default: the run's training images)")
     p.add_argument("--out", help="output folder (default: exported/ beside the source)")
     p.add_argument("--opset", type=int, default=17, help="ONNX opset (default 17)")
     p.add_argument("--include-top", choices=("true", "false"), default="true",
@@ -452,7 +458,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = _command(sub, "predict", cmd_predict, "top-k classes of images from an ONNX file, a SavedModel or weights",
                  "zoo predict runs/finetune/exported/model.onnx photo.jpg photos/ --top 3")
-    p.add_argument("model", help="model.onnx, a SavedModel folder, a .safetensors file, stored weights' name or a run folder")
+    p.add_argument("model", help="model.onnx, model.tflite, model.keras, a SavedModel folder, a .safetensors file, stored weights' name or a run folder")
     p.add_argument("images", nargs="+", help="image files or folders (searched with their sub-folders)")
     p.add_argument("--top", type=int, default=5)
 

@@ -1,14 +1,21 @@
-"""Export verified weights (or a fine-tune run) to a TensorFlow SavedModel and to ONNX, each proven
-equal to the Keras model on a fixed seeded batch before it is called done.
+"""Export verified weights (or a fine-tune run) to a TensorFlow SavedModel, ONNX, a Keras 3 archive and
+LiteRT (TFLite), each proven equal to the Keras model on a fixed seeded batch before it is called done; and
+to int8 LiteRT and ONNX, whose agreement with the float model on calibration images is measured and
+recorded instead (quantization changes the numbers by design).
 
 ONNX is written from the spec by zoo.backends.onnx (each layer kind's own nodes, weights streamed);
-nothing is trusted until onnx.checker and ONNX Runtime agree with TensorFlow.
+nothing is trusted until onnx.checker and ONNX Runtime agree with TensorFlow. Every artifact carries the
+spec, its fingerprint, the preprocessing and the class names (artifact_metadata), in the format's own
+metadata or in `<file>.json` beside it.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
+import sys
+from contextlib import contextmanager, redirect_stdout
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -18,12 +25,16 @@ import numpy as np
 from zoo.backends.onnx import DEFAULT_OPSET, onnx_graph, size_free, write_onnx
 from zoo.errors import ZooError
 from zoo.features import Part, select
+from zoo.layers import KINDS
 from zoo.progress import bar
 from zoo.registry import load_weights
 from zoo.spec import ModelSpec
 from zoo.weights import Weights
 
-FORMATS = ("savedmodel", "onnx")
+FORMATS = ("savedmodel", "onnx", "keras", "tflite", "tflite-int8", "onnx-int8")
+DEFAULT_FORMATS = ("savedmodel", "onnx")
+QUANTIZED = ("tflite-int8", "onnx-int8")
+MIN_AGREEMENT = 0.5  # top-1 agreement with the float model below which an int8 export is refused
 
 
 @dataclass
@@ -56,6 +67,14 @@ def open_source(path, include_top: bool = True, pooling: str | None = None) -> S
     return Source(weights, classes, select(weights.spec, include_top, pooling))
 
 
+def artifact_metadata(src: Source) -> dict:
+    """What every artifact carries, so that it can be used without zoo's registry: the spec (name@version) and
+    fingerprint, the preprocessing its input expects (the spec's input dict at the exported size), the
+    output's name and the class names."""
+    return {"spec": src.spec.id, "fingerprint": src.spec.fingerprint, "input": src.part.input,
+            "output": "logits" if src.part.logits else "features", "classes": src.classes}
+
+
 def check_batch(spec: ModelSpec, n: int = 4, seed: int = 1234, size=None) -> np.ndarray:
     """The fixed, seeded batch every export is checked on: images in the spec's input range, preprocessed, of
     the spec's size (a Part's) or `size`."""
@@ -86,7 +105,9 @@ def _checker(part: Part):
 # --- replacing an earlier export -----------------------------------------------------------------------
 
 ONNX_FILES = ("model.onnx.data", "model.onnx")  # the main file last
-EXPORTS = (("savedmodel",), ONNX_FILES)
+FILES = {"keras": ("model.keras.json", "model.keras"), "tflite": ("model.tflite.json", "model.tflite"),
+         "tflite-int8": ("model-int8.tflite.json", "model-int8.tflite"), "onnx-int8": ("model-int8.onnx",)}
+EXPORTS = (("savedmodel",), ONNX_FILES, *FILES.values())
 
 
 def swap_in(out: Path, new: dict[str, Path]):
@@ -178,6 +199,7 @@ def export_savedmodel(src: Source, out: Path, model, reference: np.ndarray | Non
             self.model = model
             self.classes = tf.constant(src.classes)
             self.class_file = tf.saved_model.Asset(str(out / ".classes.txt"))
+            self.zoo_file = tf.saved_model.Asset(str(meta))  # assets/zoo.json: artifact_metadata
 
         def _outputs(self, x):
             if not part.logits:
@@ -206,6 +228,9 @@ def export_savedmodel(src: Source, out: Path, model, reference: np.ndarray | Non
     tmp = out / ".savedmodel.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     (out / ".classes.txt").write_text("\n".join(src.classes) + "\n")
+    meta = out / ".savedmodel.meta" / "zoo.json"  # an asset keeps its file's name
+    meta.parent.mkdir(exist_ok=True)
+    meta.write_text(json.dumps(artifact_metadata(src), indent=2) + "\n")
     try:
         module = Exported()
         tf.saved_model.save(module, str(tmp), signatures={"serving_default": module.serve, "serve_rgb": module.serve_rgb,
@@ -218,7 +243,189 @@ def export_savedmodel(src: Source, out: Path, model, reference: np.ndarray | Non
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
         (out / ".classes.txt").unlink(missing_ok=True)
+        shutil.rmtree(meta.parent, ignore_errors=True)
     return target
+
+
+# --- Keras archive, LiteRT, int8 --------------------------------------------------------------------
+
+
+@contextmanager
+def staged(out: Path, fmt: str):
+    """A fresh hidden folder in `out` for `fmt`'s files, removed afterwards whatever happens: they reach their
+    names only by swap_in, once checked, so a failed check leaves an earlier export as it was."""
+    tmp = out / f".{fmt}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def publish(out: Path, tmp: Path, fmt: str, meta: dict) -> Path:
+    """Write `meta` as the format's `<file>.json` where it has one, and move its checked files into place."""
+    names = FILES[fmt]
+    if names[0].endswith(".json"):
+        (tmp / names[0]).write_text(json.dumps(meta, indent=2) + "\n")
+    swap_in(out, {name: tmp / name for name in names})
+    return out / names[-1]
+
+
+def keras_layers() -> dict:
+    """zoo's own Keras layer classes by their registered names ("zoo>SpecConv2D", ...), registered by this call.
+    Keras 3 finds a class that is not its own only in that registry or in `custom_objects`: it imports a
+    config's module for keras' own packages only (serialization_lib._retrieve_class_or_fn), so a .keras
+    file with zoo's layers loads only in a process that ran zoo's layer code, and no Keras built-in does LRN."""
+    import keras
+
+    classes = {}
+    for module in {sys.modules[type(kind).__module__] for kind in KINDS.values()}:
+        if hasattr(module, "_keras_class"):
+            cls = module._keras_class()
+            classes[keras.saving.get_registered_name(cls)] = cls
+    return classes
+
+
+def export_keras(src: Source, out: Path, model, reference: np.ndarray) -> Path:
+    """model.keras, Keras 3's archive of the built model (the spec's layer names), and model.keras.json;
+    checked by reloading it with keras.saving.load_model."""
+    import keras
+
+    with staged(out, "keras") as tmp:
+        model.save(tmp / "model.keras")
+        loaded = keras.saving.load_model(tmp / "model.keras", custom_objects=keras_layers(), compile=False)
+        _checker(src.part)("the .keras archive (reloaded)", loaded.predict(check_batch(src.part), verbose=0), reference, out / "model.keras")
+        del loaded
+        return publish(out, tmp, "keras", artifact_metadata(src))
+
+
+def tflite_convert(model, setup=None) -> bytes:
+    """The Keras model as a LiteRT flatbuffer by TensorFlow's converter, `setup(converter)` first. From the Keras
+    model (a concrete function's variables are not frozen for int8 calibration); its model.export prints the
+    SavedModel's signature on stdout, which belongs to --json: it goes to stderr."""
+    import tensorflow as tf
+
+    converter = tf.lite.TFLiteConverter.from_keras_model(model)
+    if setup:
+        setup(converter)
+    with redirect_stdout(sys.stderr):
+        return converter.convert()
+
+
+def export_tflite(src: Source, out: Path, model, reference: np.ndarray) -> Path:
+    """model.tflite (float32) and model.tflite.json, checked by the LiteRT interpreter."""
+    from zoo.predict import litert, run_tflite
+
+    with staged(out, "tflite") as tmp:
+        (tmp / "model.tflite").write_bytes(tflite_convert(model))
+        got = run_tflite(litert(tmp / "model.tflite"), check_batch(src.part))
+        _checker(src.part)("the LiteRT model (LiteRT interpreter)", got, reference, out / "model.tflite")
+        return publish(out, tmp, "tflite", artifact_metadata(src))
+
+
+@dataclass
+class Calibration:
+    """Preprocessed images for int8 quantization: `images` calibrate, `evaluation` (a superset: half of it was
+    not calibrated on) measures agreement with the Keras model's `reference` logits."""
+    folder: Path
+    images: np.ndarray
+    evaluation: np.ndarray
+    reference: np.ndarray
+
+    def record(self) -> dict:
+        return {"calibration": str(self.folder), "calibration_images": len(self.images), "images": len(self.evaluation)}
+
+
+EVALUATION_IMAGES = 200  # at most; every second one calibrates
+
+
+def training_images(source: Path) -> Path:
+    """The folder or list file a run trained on, as its config.json says (the built-in example's folder
+    where it names none): int8 calibration's default."""
+    config = source / "config.json"
+    if not config.exists():
+        raise ZooError("int8 export needs calibration images: --calibration DIR (the default, a run's training images, "
+                       "needs a run folder)", source)
+    cfg = json.loads(config.read_text())
+    return Path(cfg.get("train_list") or cfg.get("data") or Path(cfg["out"]).parent / "zoo-example-data")
+
+
+def calibration_set(source: Path, folder, part: Part, model) -> Calibration:
+    from zoo.data import from_list
+    from zoo.predict import image_files
+    from zoo.preprocess import np_eval_image
+
+    folder = Path(folder) if folder else training_images(source)
+    files = [Path(p) for p in from_list(folder).paths] if folder.is_file() else image_files([folder])
+    if not files:
+        raise ZooError("no images to calibrate int8 quantization on", folder)
+    files = [files[i] for i in np.random.default_rng(0).permutation(len(files))[:EVALUATION_IMAGES]]
+    x = np.stack([np_eval_image(f, part.input) for f in files])
+    return Calibration(folder, x[::2], x, model.predict(x, verbose=0))
+
+
+def agreement(name: str, got: np.ndarray, cal: Calibration, where: Path) -> dict:
+    """The int8 model's top-1 agreement with the float (Keras) model and its logits' error (of their scale) on
+    the evaluation images; refused below MIN_AGREEMENT. Reported on stderr, returned for the metadata."""
+    want = cal.reference
+    scale = float(np.abs(want).max()) or 1.0
+    stats = {"top1_agreement": float(np.mean(got.argmax(1) == want.argmax(1))), "max_error": float(np.abs(got - want).max()) / scale,
+             "mean_error": float(np.abs(got - want).mean()) / scale} | cal.record()
+    if stats["top1_agreement"] < MIN_AGREEMENT:
+        raise ZooError(f"{name} agrees with the float model on top-1 for {stats['top1_agreement']:.1%} of {len(want)} images "
+                       f"(refused below {MIN_AGREEMENT:.0%})", where)
+    print(f"zoo: {name}: top-1 agreement with the float model {stats['top1_agreement']:.1%} on {len(want)} images, logits' error "
+          f"max {stats['max_error']:.2e} / mean {stats['mean_error']:.2e} of their scale", file=sys.stderr, flush=True)
+    return stats
+
+
+def export_tflite_int8(src: Source, out: Path, model, cal: Calibration) -> Path:
+    """model-int8.tflite: full-integer post-training quantization (every op int8, int8 input and output),
+    calibrated on `cal`; its agreement with the float model goes in model-int8.tflite.json."""
+    import tensorflow as tf
+
+    from zoo.predict import litert, run_tflite
+
+    def full_integer(converter):
+        converter.optimizations = [tf.lite.Optimize.DEFAULT]
+        converter.representative_dataset = lambda: ([x[None]] for x in cal.images)
+        converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]  # an op without an int8 kernel fails here
+        converter.inference_input_type = converter.inference_output_type = tf.int8
+
+    with staged(out, "tflite-int8") as tmp:
+        (tmp / "model-int8.tflite").write_bytes(tflite_convert(model, full_integer))
+        got = run_tflite(litert(tmp / "model-int8.tflite"), cal.evaluation)
+        stats = agreement("the int8 LiteRT model", got, cal, out / "model-int8.tflite")
+        return publish(out, tmp, "tflite-int8", artifact_metadata(src) | {"quantization": stats})
+
+
+def export_onnx_int8(src: Source, out: Path, cal: Calibration, opset: int = DEFAULT_OPSET) -> Path:
+    """model-int8.onnx: ONNX Runtime's static quantization (QDQ, int8 weights per channel and activations) of
+    zoo's ONNX graph, calibrated on `cal`; its agreement with the float model goes in its metadata_props."""
+    import onnx
+    import onnxruntime as ort
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, quantize_static
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.batches = iter(cal.images[:, None])
+
+        def get_next(self):
+            return {"image": x} if (x := next(self.batches, None)) is not None else None
+
+    with staged(out, "onnx-int8") as tmp:
+        graph, inits = onnx_graph(src.spec, src.weights.tensors, src.classes, opset, src.part)
+        write_onnx(tmp / "float.onnx", graph, inits)
+        path = tmp / "model-int8.onnx"
+        quantize_static(tmp / "float.onnx", path, Reader(), quant_format=QuantFormat.QDQ, per_channel=True)
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        stats = agreement("the int8 ONNX model", session.run(["logits"], {"image": cal.evaluation})[0], cal, out / path.name)
+        del session
+        model = onnx.load(str(path))  # int8: a quarter of the float model
+        onnx.helper.set_model_props(model, {p.key: p.value for p in graph.metadata_props} | {"zoo.quantization": json.dumps(stats)})
+        onnx.save(model, str(path))
+        return publish(out, tmp, "onnx-int8", {})
 
 
 def second_size(part: Part) -> tuple[int, int]:
@@ -228,15 +435,19 @@ def second_size(part: Part) -> tuple[int, int]:
     return (h + 19, w + 37)
 
 
-def export(source, formats=FORMATS, out=None, opset: int = DEFAULT_OPSET, include_top: bool = True,
-           pooling: str | None = None) -> list[Path]:
+def export(source, formats=DEFAULT_FORMATS, out=None, opset: int = DEFAULT_OPSET, include_top: bool = True,
+           pooling: str | None = None, calibration=None) -> list[Path]:
     """Export `source` (run folder or weights file) to each of `formats` under `out`, each checked; with
-    include_top=False the headless trunk, `pooling` "avg" or "max" on its map (zoo.features.select)."""
+    include_top=False the headless trunk, `pooling` "avg" or "max" on its map (zoo.features.select). The
+    int8 formats calibrate on the images under `calibration` (default: a run's training images)."""
     formats = list(formats)
     unknown = [f for f in formats if f not in FORMATS]
     if unknown or not formats:
         raise ZooError(f"unknown export format(s) {unknown}; choose from {', '.join(FORMATS)}")
     src = open_source(source, include_top, pooling)
+    if not src.part.logits and set(formats) & set(QUANTIZED):
+        raise ZooError("an int8 export is measured by its top-1 agreement with the float model: it needs the classifier "
+                       "(not --include-top false)", source)
     out = Path(out) if out else (Path(source) if Path(source).is_dir() else Path(source).parent) / "exported"
     out.mkdir(parents=True, exist_ok=True)
     for names in EXPORTS:  # an earlier export killed half-way is whole again before anything is written
@@ -253,13 +464,21 @@ def export(source, formats=FORMATS, out=None, opset: int = DEFAULT_OPSET, includ
     def reference(size=None):
         return keras_model(size).predict(check_batch(src.part, size=size), verbose=0)
 
+    @cache
+    def calibrated():
+        return calibration_set(Path(source), calibration, src.part, keras_model())
+
+    steps = {"onnx": lambda: export_onnx(src, out, reference, opset),
+             "savedmodel": lambda: export_savedmodel(src, out, keras_model(), reference()),
+             "keras": lambda: export_keras(src, out, keras_model(), reference()),
+             "tflite": lambda: export_tflite(src, out, keras_model(), reference()),
+             "tflite-int8": lambda: export_tflite_int8(src, out, keras_model(), calibrated()),
+             "onnx-int8": lambda: export_onnx_int8(src, out, calibrated(), opset)}
     written = []
     with bar(len(formats), f"exporting to {out}", "format") as progress:
-        if "onnx" in formats:
-            written.append(export_onnx(src, out, reference, opset))
-            progress.update()
-        if "savedmodel" in formats:
-            written.append(export_savedmodel(src, out, keras_model(), reference()))
-            progress.update()
+        for fmt in FORMATS:  # in this order: ONNX is written and checked before TensorFlow is loaded
+            if fmt in formats:
+                written.append(steps[fmt]())
+                progress.update()
     (out / "classes.txt").write_text("\n".join(src.classes) + "\n")
     return written

@@ -1,4 +1,5 @@
-"""`zoo predict`: top-k classes from an ONNX file, a SavedModel or verified weights, on image files."""
+"""`zoo predict`: top-k classes from an ONNX file, a SavedModel, a .keras archive, a LiteRT (.tflite) file or
+verified weights, on image files. Exported artifacts are read with the metadata they carry (zoo.export.artifact_metadata)."""
 
 from __future__ import annotations
 
@@ -59,6 +60,76 @@ class SavedModelPredictor:
         return self.fn(encoded=tf.constant([path.read_bytes()]))["probabilities"].numpy()[0]
 
 
+def sidecar(path: Path) -> dict:
+    """The metadata `zoo export` wrote beside an artifact (`<file>.json`)."""
+    meta = Path(f"{path}.json")
+    if not meta.exists():
+        raise ZooError(f"no {meta.name} beside it (export it with `zoo export`)", path)
+    return json.loads(meta.read_text())
+
+
+def litert(path: Path):
+    """The LiteRT interpreter (ai-edge-litert) on a .tflite file."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    return Interpreter(model_path=str(path))
+
+
+def run_tflite(interpreter, x: np.ndarray) -> np.ndarray:
+    """The model's one output for the float batch `x`, through its int8 scale and zero point where it takes
+    and gives int8 (full-integer quantization)."""
+    inp, out = interpreter.get_input_details()[0], interpreter.get_output_details()[0]
+    interpreter.resize_tensor_input(inp["index"], x.shape)
+    interpreter.allocate_tensors()
+    if inp["dtype"] == np.int8:
+        scale, zero = inp["quantization"]
+        x = np.clip(np.round(x / scale + zero), -128, 127).astype(np.int8)
+    interpreter.set_tensor(inp["index"], x)
+    interpreter.invoke()
+    y = interpreter.get_tensor(out["index"])
+    if out["dtype"] == np.int8:
+        scale, zero = out["quantization"]
+        y = (y.astype(np.float32) - zero) * scale
+    return y
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    e = np.exp(logits - logits.max())
+    return e / e.sum()
+
+
+class TfLitePredictor:
+    """The LiteRT interpreter with Pillow/numpy preprocessing as model.tflite.json says: no TensorFlow needed."""
+
+    def __init__(self, path: Path):
+        meta = sidecar(path)
+        self.interpreter, self.input, self.classes = litert(path), meta["input"], meta["classes"]
+
+    def probabilities(self, path: Path) -> np.ndarray:
+        from zoo.preprocess import np_eval_image
+
+        return softmax(run_tflite(self.interpreter, np_eval_image(path, self.input)[None])[0])
+
+
+class KerasArchivePredictor:
+    """A .keras archive by keras.saving.load_model (zoo's layer classes registered first), preprocessed as
+    model.keras.json says."""
+
+    def __init__(self, path: Path):
+        import keras
+
+        from zoo.export import keras_layers
+
+        meta = sidecar(path)
+        self.input, self.classes = meta["input"], meta["classes"]
+        self.model = keras.saving.load_model(path, custom_objects=keras_layers(), compile=False)
+
+    def probabilities(self, path: Path) -> np.ndarray:
+        from zoo.preprocess import np_eval_image
+
+        return softmax(self.model.predict(np_eval_image(path, self.input)[None], verbose=0)[0])
+
+
 class KerasPredictor:
     def __init__(self, path: Path):
         from zoo.backends.keras import create_model
@@ -81,11 +152,16 @@ def predictor(artifact):
     artifact = Path(artifact)
     if artifact.suffix == ".onnx":
         return OnnxPredictor(artifact)
+    if artifact.suffix == ".tflite":
+        return TfLitePredictor(artifact)
+    if artifact.suffix == ".keras":
+        return KerasArchivePredictor(artifact)
     if (artifact / "saved_model.pb").exists():
         return SavedModelPredictor(artifact)
     if artifact.suffix == ".safetensors" or (artifact / "weights.safetensors").exists():
         return KerasPredictor(artifact)
-    raise ZooError("not a model: expected a .onnx file, a SavedModel folder, a .safetensors file or a run folder", artifact)
+    raise ZooError("not a model: expected a .onnx, .tflite or .keras file, a SavedModel folder, a .safetensors file or a run folder",
+                   artifact)
 
 
 def predict(artifact, images, top: int = 5) -> list[Prediction]:
