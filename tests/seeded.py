@@ -6,7 +6,12 @@ torchvision: the keys and shapes are stored beside the outputs, and the weights 
 drawn here from one seed.
 """
 
+import json
+from pathlib import Path
+
 import numpy as np
+
+TORCHVISION = Path(__file__).parent / "data" / "torchvision"
 
 
 def seeded_state(shapes, seed, scales=None, fixed=None):
@@ -53,3 +58,12 @@ def seeded_state(shapes, seed, scales=None, fixed=None):
             raise ValueError(f"seeded_state: {name} is {out[name].shape}, fixed value {value.shape}")
         out[name] = value
     return out
+
+
+def torchvision_state(name):
+    """The seeded state dict of tests/data/torchvision/NAME.npz (its keys in the state dict's own order)."""
+    z = np.load(TORCHVISION / f"{name}.npz")
+    shapes = json.loads(str(z["shapes"]))
+    shapes = {k: shapes[k] for k in z["keys"].tolist()}
+    return seeded_state(shapes, int(z["seed"]), dict(zip(z["scale_keys"].tolist(), z["scale_values"].tolist())),
+                        {str(z["fixed_key"]): z["fixed_value"]})

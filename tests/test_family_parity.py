@@ -29,7 +29,7 @@ import numpy as np
 import pytest
 from conftest import DATA
 from narrow import CAFFE_NETS, register_narrow_specs
-from seeded import seeded_state
+from seeded import torchvision_state
 
 CAFFE = DATA / "caffe"
 TORCHVISION = DATA / "torchvision"
@@ -264,14 +264,6 @@ def test_caffe_narrow_parity(name, path, runtime, caffe_converted, tmp_path):
 # --- B) torchvision, full size ------------------------------------------------------------------------
 
 
-def torch_state(name):
-    z = np.load(TORCHVISION / f"{name}.npz")
-    shapes = json.loads(str(z["shapes"]))
-    shapes = {k: shapes[k] for k in z["keys"].tolist()}  # the state dict's own order
-    return seeded_state(shapes, int(z["seed"]), dict(zip(z["scale_keys"].tolist(), z["scale_values"].tolist())),
-                        {str(z["fixed_key"]): z["fixed_value"]})
-
-
 @pytest.fixture(scope="module")
 def torch_converted(tmp_path_factory):
     """name -> (spec id zoo found, converted weights); the .pth is written by torch.save and removed after."""
@@ -283,7 +275,7 @@ def torch_converted(tmp_path_factory):
         if name not in done:
             folder = tmp_path_factory.mktemp(f"torch-{name}")
             pth = folder / f"{name}.pth"
-            state = torch_state(name)
+            state = torchvision_state(name)
             torch.save(OrderedDict((k, torch.from_numpy(v)) for k, v in state.items()), pth)
             del state
             gc.collect()
