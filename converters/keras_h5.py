@@ -22,7 +22,8 @@ the memory-mapped file, handed to the core as a Deferred copy that lets the sour
 it: no copy of the model in memory (ResNet-50: peak 1.7x the file's size before, 100 MB read through
 HDF5 into fresh memory and then copied again). Other layouts (chunked, compressed, compact) are read
 through h5py. As Keras' own loader does, links to other files and datasets stored outside the file are
-refused: HDF5 would follow them to any file on disk.
+refused: HDF5 would follow them to any file on disk. The datasets to read are found first and their declared
+sizes checked against what the file can hold (DeclaredBytes) before any is read.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ import numpy as np
 from zoo.errors import ZooError
 from zoo.hookspecs import hookimpl
 from zoo.layouts import Deferred
-from zoo.mapped import MappedZip
+from zoo.mapped import INFLATE_RATIO, MappedZip
 from zoo.sources import Imported, Params, WeightSource, fit_params, map_file, mapping_notes, release_pages
 from zoo.spec import ModelSpec
 
@@ -76,27 +77,75 @@ def _snake(name: str) -> str:
     return re.sub("([a-z])([A-Z])", r"\1_\2", name).lower()
 
 
+def _declared(dataset) -> int:
+    """The bytes a dataset's shape and type declare."""
+    return int(np.prod(dataset.shape, dtype=np.int64)) * dataset.dtype.itemsize
+
+
+class DeclaredBytes:
+    """Bounds on what the datasets to be read declare, checked before any is read. HDF5 gives a chunk never
+    written the fill value and gzip inflates zeros a thousandfold, so a 100 KB file can declare gigabytes in
+    tensors each within a spec's size:
+
+    - a dataset with no storage (never written), or uncompressed and only partly stored, is refused;
+    - the uncompressed ones together declare no more than the h5's `size`: their bytes are in it;
+    - the compressed (filtered) ones together no more than INFLATE_RATIO times it, as zip members (float
+      weights deflate by ~10%);
+    - all together no more than `most`, the largest candidate spec's tensors at 8 bytes a value (None: no
+      such bound)."""
+
+    def __init__(self, path, size: int, most: int | None):
+        self.path, self.size, self.most = path, size, most
+
+    def check(self, datasets) -> None:
+        plain = packed = 0
+        for d in datasets:
+            declared, stored = _declared(d), d.id.get_storage_size()
+            filtered = d.id.get_create_plist().get_nfilters() > 0
+            if declared and not stored:
+                raise ZooError(f"{d.name} was never written (no storage: HDF5 would make up its {declared:,} bytes "
+                               "from the fill value); not read", self.path)
+            if not filtered and stored < declared:
+                raise ZooError(f"{d.name} is only partly written ({stored:,} of {declared:,} bytes stored); not read", self.path)
+            packed, plain = (packed + declared, plain) if filtered else (packed, plain + declared)
+        if plain > self.size:
+            raise ZooError(f"its uncompressed datasets declare {plain:,} bytes, more than the file's {self.size:,} (corrupt)", self.path)
+        if packed > INFLATE_RATIO * self.size:
+            raise ZooError(f"its compressed datasets declare {packed:,} bytes, over {INFLATE_RATIO}x the file's {self.size:,} "
+                           "(weights deflate by far less); not read", self.path)
+        if self.most is not None and plain + packed > self.most:
+            raise ZooError(f"its datasets declare {plain + packed:,} bytes, more than all the tensors of the spec(s) it "
+                           f"could be for ({self.most:,})", self.path)
+
+
 class _Reader:
     def __init__(self, path, max_bytes: int, data=b""):
         self.path, self.max_bytes, self.data = path, max_bytes, data  # data: the mapped file (map_file) or archive member
 
-    def array(self, dataset) -> np.ndarray:
+    def dataset(self, node):
+        """`node`, checked as a tensor to read (declarations only: nothing is read): a float dataset stored in this
+        file, within the largest tensor of a registered spec."""
         import h5py
 
-        if not isinstance(dataset, h5py.Dataset):
-            raise ZooError(f"{dataset.name} is not a dataset", self.path)
-        plist = dataset.id.get_create_plist()
+        if not isinstance(node, h5py.Dataset):
+            raise ZooError(f"{node.name} is not a dataset", self.path)
+        plist = node.id.get_create_plist()
         if plist.get_external_count() or plist.get_layout() == h5py.h5d.VIRTUAL:
-            raise ZooError(f"{dataset.name} is stored in other files; not read", self.path)
-        dtype = dataset.dtype
-        if not np.issubdtype(dtype, np.floating):
-            raise ZooError(f"{dataset.name} is {dtype}, not float", self.path)
-        shape = dataset.shape
+            raise ZooError(f"{node.name} is stored in other files; not read", self.path)
+        if not np.issubdtype(node.dtype, np.floating):
+            raise ZooError(f"{node.name} is {node.dtype}, not float", self.path)
+        if _declared(node) > self.max_bytes:  # a corrupt header must not allocate gigabytes
+            raise ZooError(f"{node.name} claims {_declared(node):,} bytes, more than any tensor of a registered spec", self.path)
+        return node
+
+    def array(self, dataset) -> np.ndarray:
+        """The values of a dataset checked by `dataset` and DeclaredBytes."""
+        import h5py
+
+        dtype, shape = dataset.dtype, dataset.shape
         count = int(np.prod(shape, dtype=np.int64))
-        if count * dtype.itemsize > self.max_bytes:  # checked before reading: a corrupt header must not allocate gigabytes
-            raise ZooError(f"{dataset.name} claims {count * dtype.itemsize:,} bytes, more than any tensor of a registered spec", self.path)
         # stored contiguously, in the IEEE format numpy reads (not a custom float HDF5 would convert): the bytes as they are
-        if (plist.get_layout() == h5py.h5d.CONTIGUOUS and dataset.id.get_type() == h5py.h5t.py_create(dtype)
+        if (dataset.id.get_create_plist().get_layout() == h5py.h5d.CONTIGUOUS and dataset.id.get_type() == h5py.h5t.py_create(dtype)
                 and (offset := dataset.id.get_offset()) is not None and count and offset + count * dtype.itemsize <= len(self.data)):
             return np.frombuffer(self.data, dtype, count, offset).reshape(shape)
         return dataset[()]
@@ -132,7 +181,7 @@ class _Reader:
             raise ZooError(f"{_CONFIG} is not a Keras model's config", self.path) from None
         return out
 
-    def keras3(self, group, prefix="", config=None) -> Params:
+    def keras3(self, group, prefix="", config=None) -> dict:
         named = self.config_layers(config)
         layers = {}
         for key in [k for k in named if k in group] + sorted(set(group) - set(named), key=_natural):
@@ -142,12 +191,12 @@ class _Reader:
             name, inner = named.get(key, (key, None))
             name = prefix + (name if variables is None else _text(variables.attrs.get("name", name)))
             if variables is not None and (n := len(variables)):
-                layers[name] = {str(i): self.array(self.member(variables, str(i))) for i in range(n)}
+                layers[name] = {str(i): self.dataset(self.member(variables, str(i))) for i in range(n)}
             if "layers" in members:  # a nested model
                 layers.update(self.keras3(self.member(sub, "layers"), name + "/", inner))
         return layers
 
-    def legacy(self, root) -> Params:
+    def legacy(self, root) -> dict:
         if _text(root.attrs.get("backend", "")) == "theano":  # Keras 2 flipped them on loading; Keras 3 does not
             raise ZooError("written with Keras' Theano backend, whose convolution kernels are flipped; not read", self.path)
         layers = {}
@@ -155,7 +204,7 @@ class _Reader:
             group = self.member(root, name)
             weight_names = _names(group, "weight_names")
             if weight_names:  # Keras' loader skips layers without weights and pairs the rest with the model's in order
-                layers[name] = {str(i): self.array(self.member(group, wn)) for i, wn in enumerate(weight_names)}
+                layers[name] = {str(i): self.dataset(self.member(group, wn)) for i, wn in enumerate(weight_names)}
         return layers
 
 
@@ -200,10 +249,11 @@ def _keras_archive(path, data):
         raise ZooError(f"not a readable .keras archive ({type(e).__name__}: {e})", path) from None
 
 
-def read_h5_params(path, max_bytes: int, data=b"") -> tuple[Params, bool]:
+def read_h5_params(path, max_bytes: int, data, max_total: int | None = None) -> tuple[Params, bool]:
     """({layer: {position: array}}, whether the layers are listed in the writer's model.layers order: legacy
-    files and .keras archives, which Keras loads by that order). With `data` (the file, mapped), contiguous
-    datasets are views of it."""
+    files and .keras archives, which Keras loads by that order). `data` is the file, mapped (map_file):
+    contiguous datasets are views of it. Each tensor declares at most `max_bytes`; all at most `max_total`
+    (DeclaredBytes), checked before any is read."""
     import h5py
 
     h5, config = _keras_archive(path, data) if data[:4] == _ZIP_MAGIC else (data, None)
@@ -211,11 +261,14 @@ def read_h5_params(path, max_bytes: int, data=b"") -> tuple[Params, bool]:
     try:
         with h5py.File(path if config is None else _InPlace(h5), "r") as f:
             if "layers" in f and "layer_names" not in f.attrs:
-                return reader.keras3(reader.member(f, "layers"), config=config), bool(reader.config_layers(config))
-            root = reader.member(f, "model_weights") if "model_weights" in f else f
-            if "layer_names" not in root.attrs and "layer_names0" not in root.attrs:
-                raise ZooError("an HDF5 file, but neither Keras 3 weights (layers/...) nor a legacy Keras h5 (layer_names)", path)
-            return reader.legacy(root), True
+                datasets, ordered = reader.keras3(reader.member(f, "layers"), config=config), bool(reader.config_layers(config))
+            else:
+                root = reader.member(f, "model_weights") if "model_weights" in f else f
+                if "layer_names" not in root.attrs and "layer_names0" not in root.attrs:
+                    raise ZooError("an HDF5 file, but neither Keras 3 weights (layers/...) nor a legacy Keras h5 (layer_names)", path)
+                datasets, ordered = reader.legacy(root), True
+            DeclaredBytes(path, len(h5), max_total).check(d for layer in datasets.values() for d in layer.values())
+            return {name: {i: reader.array(d) for i, d in layer.items()} for name, layer in datasets.items()}, ordered
     except ZooError:
         raise
     except (OSError, KeyError, ValueError, TypeError, RuntimeError) as e:  # h5py's errors for corrupt files
@@ -281,8 +334,9 @@ class KerasH5(WeightSource):
 
         candidates = [spec] if spec else list(all_specs().values())
         largest = max(t.size * np.dtype(np.float64).itemsize for s in candidates for t in s.tensors.values())
+        most = max(sum(t.size for t in s.tensors.values()) for s in candidates) * np.dtype(np.float64).itemsize
         data = map_file(path)
-        layers, ordered = read_h5_params(path, largest, data)
+        layers, ordered = read_h5_params(path, largest, data, most)
         if not layers:
             raise ZooError("holds no layer with weights", path)
         orders = _keras_orders if ordered else None
