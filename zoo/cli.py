@@ -197,6 +197,8 @@ def cmd_finetune(args):
     from zoo.report import write_report
 
     result = finetune(**({"weights": "stored"} | given(args)))  # the Python API's None stays random initialisation
+    if not result.chief:  # another worker of a multi-worker run: the chief writes the report and exports
+        return 0
     report = write_report(result.run_dir)  # before any export: a failed export keeps the report
     if not args.json:
         print(f"report {report}")
@@ -210,6 +212,13 @@ def cmd_finetune(args):
                      "trained_layers": result.trained_layers, "cached_features": result.cached_features,
                      "best_val_accuracy": result.best_val_accuracy, "history": result.history, "report": str(report)})
     return 0
+
+
+def cmd_launch(args):
+    from zoo.finetune.launch import launch
+
+    command = args.command_args[1:] if args.command_args[:1] == ["--"] else args.command_args
+    return launch(args.workers, command)
 
 
 def _weights_file(name: str):
@@ -443,6 +452,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_finetune_arguments(p)  # one per fine-tune option, from zoo.finetune.config
     next(a for a in p._actions if a.dest == "model").completer = _spec_names
     p.add_argument("--export", help="formats to export at the end: savedmodel,onnx")
+
+    p = _command(sub, "launch", cmd_launch, "run N local workers of a multi-worker fine-tune (TF_CONFIG on loopback ports)",
+                 "zoo launch 2 -- finetune narrow --data photos/ --batch-size 64   (--strategy multiworker is added)", json_output=False)
+    p.add_argument("workers", type=int)
+    p.add_argument("command_args", nargs=argparse.REMAINDER, metavar="-- finetune ...")
 
     p = _command(sub, "export", cmd_export, "export a run or weights file to SavedModel and/or ONNX, checked against Keras",
                  "zoo export runs/finetune --format savedmodel,onnx")

@@ -44,7 +44,10 @@ class FinetuneConfig:
     schedule: str = option("constant", "learning-rate schedule", ("constant", "cosine", "step"))
     augment: bool = option(True, "center crops only (enables feature caching)", flag="--no-augment")
     cache_features: str = option("auto", "train on the frozen layers' cached output", ("auto", "on", "off"))
-    strategy: str = option("none", "none, mirrored (several GPUs) or multiworker (TF_CONFIG)", ("none", "mirrored", "multiworker"))
+    strategy: str = option("none", "none, mirrored (several GPUs) or multiworker (TF_CONFIG; zoo launch N starts N local workers)",
+                           ("none", "mirrored", "multiworker"))
+    precision: str = option("float32", "Keras dtype policy: mixed ones compute in 16 bits, keep weights and the head's output "
+                            "in float32", ("float32", "mixed_float16", "mixed_bfloat16"))
     seed: int = option(0, "seed of initialisation, data order and augmentation")
     val_fraction: float = option(0.2, "share of a class folder held out for validation")
     out: str = option("runs/finetune", "run folder")
@@ -62,6 +65,7 @@ class FinetuneResult:
     best_val_accuracy: float = 0.0
     images_per_second: float = 0.0  # median over epochs, training steps only
     frozen_pass_seconds: float = 0.0  # with cached features: the frozen layers' one pass over the training images
+    chief: bool = True  # False on the other workers of a multi-worker run: the chief wrote the run folder
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

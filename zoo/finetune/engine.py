@@ -4,26 +4,38 @@ features or images), fit with the callbacks, then write the verified weights wit
 from __future__ import annotations
 
 import json
-from dataclasses import asdict
+from contextlib import contextmanager
+from dataclasses import asdict, replace
 from pathlib import Path
 
 from zoo.errors import ZooError
 from zoo.finetune.config import FinetuneConfig, FinetuneResult, configure
 from zoo.finetune.plan import Plan, make_plan, resume_state, say
 
+# computed in float32 under a mixed policy: LRN has no bfloat16 kernel on CPU (TensorFlow: float32 and float16);
+# the head, so that logits, softmax and loss are float32 (Keras' mixed-precision guide)
+FLOAT32_KINDS = ("lrn",)
+
 
 def finetune(config: FinetuneConfig | None = None, **overrides) -> FinetuneResult:
     """Fine-tune as `config` (or FinetuneConfig's defaults) with `overrides` says; see zoo.finetune.config."""
+    from zoo.finetune import distributed
     from zoo.finetune.checkpoints import lock_run
 
-    plan = make_plan(configure(config, overrides))
-    with lock_run(plan.run):
+    cfg = configure(config, overrides)
+    strat = distributed.strategy(cfg.strategy)
+    plan = make_plan(cfg)
+    distributed.agree(strat, plan.cfg)  # every worker has planned: only now may the chief write
+    with distributed.writes_to(strat, plan.run, distributed.worker_index(strat)) as run, lock_run(run):
+        if run != plan.run:  # not the chief: the same run, written to a folder removed after
+            result = _start(replace(plan, run=run), strat)
+            return replace(result, run_dir=plan.run, weights=plan.run / result.weights.name, chief=False)
         if resume_state(plan.cfg, plan.run) != plan.state:  # planned before the lock: another run may have written since
             raise ZooError("another zoo finetune wrote this run folder while this one was starting; check it", plan.run)
-        return _start(plan)
+        return _start(plan, strat)
 
 
-def _start(plan: Plan) -> FinetuneResult:
+def _start(plan: Plan, strat) -> FinetuneResult:
     import keras
 
     from zoo.finetune.checkpoints import atomic_write_text
@@ -37,17 +49,33 @@ def _start(plan: Plan) -> FinetuneResult:
     # `path label` format (absolute paths: the report may run from elsewhere)
     atomic_write_text(plan.run / "classes.txt", "\n".join(plan.train.classes) + "\n")
     atomic_write_text(plan.run / "val.txt", "".join(f"{Path(p).absolute()} {y}\n" for p, y in zip(plan.val.paths, plan.val.labels)))
-    full, base, model = build(plan)
-    if plan.finishing:
-        say(f"{plan.run} ran all its {plan.first_epoch} epochs but did not write its final files: writing them")
-        return finish(plan, full)
-    say(f"fine-tuning {plan.spec.id} -> {plan.spec.num_classes} classes ({', '.join(plan.train.classes)}); training "
-        f"{', '.join(plan.trained)}; {len(plan.train)} train / {len(plan.val)} val images; "
-        f"{'cached features' if plan.cache else 'full forward'}; run folder {plan.run}")
-    return fit(plan, full, base, model)
+    with precision(plan.cfg.precision):
+        full, base, model = build(plan, strat)
+        if plan.finishing:
+            say(f"{plan.run} ran all its {plan.first_epoch} epochs but did not write its final files: writing them")
+            return finish(plan, full) if plan.chief else FinetuneResult(plan.run, plan.run / "weights.safetensors",
+                                                                          plan.train.classes, plan.trained, plan.cache)
+        say(f"fine-tuning {plan.spec.id} -> {plan.spec.num_classes} classes ({', '.join(plan.train.classes)}); training "
+            f"{', '.join(plan.trained)}; {len(plan.train)} train / {len(plan.val)} val images; "
+            f"{'cached features' if plan.cache else 'full forward'}; {plan.cfg.precision}; run folder {plan.run}")
+        return fit(plan, full, base, model)
 
 
-def build(plan: Plan):
+@contextmanager
+def precision(policy: str):
+    """Keras' global dtype policy while the run's models are made and trained, float32 again after: the weights,
+    checkpoints and exports are float32 (mixed policies keep variables in float32 and compute in 16 bits)."""
+    import keras
+
+    before = keras.config.dtype_policy()
+    keras.config.set_dtype_policy(policy)
+    try:
+        yield
+    finally:
+        keras.config.set_dtype_policy(before)
+
+
+def build(plan: Plan, strat):
     """(the whole model, the frozen base or None, the model that trains: the whole one, or its top on cached
     features), compiled, restored on resume, under the run's tf.distribute strategy."""
     import keras
@@ -57,15 +85,18 @@ def build(plan: Plan):
     from zoo.finetune.checkpoints import restore_checkpoint
 
     cfg = plan.cfg
-    with strategy(cfg.strategy).scope():
+    with strat.scope():
         full = create_model(None if plan.weights else plan.base_spec, weights=plan.weights, num_classes=plan.spec.num_classes)
+        for node in plan.spec.nodes:  # no-ops in float32
+            if node.name == plan.spec.head or node.kind in FLOAT32_KINDS:
+                full.get_layer(node.name).dtype_policy = "float32"
         for layer in full.layers:  # frozen batch norm runs in inference mode: its statistics stay as loaded
             layer.trainable = layer.name in plan.trained or not layer.weights
         base, model = split_at(full, plan.spec, plan.trained[0]) if plan.cache else (None, full)
         model.compile(optimizer=optimizer(cfg, steps_per_epoch(plan)),
                       loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True), metrics=["accuracy"])
         if plan.first_epoch:
-            restore_checkpoint(model, plan.run / "checkpoints" / plan.state["last"])
+            restore_checkpoint(model, Path(cfg.out) / "checkpoints" / plan.state["last"])  # the chief's, on every worker
             say(f"resumed {plan.run} after epoch {plan.first_epoch}")
     return full, base, model
 
@@ -79,6 +110,7 @@ def fit(plan: Plan, full, base, model) -> FinetuneResult:
 
     from zoo.finetune import callbacks
     from zoo.finetune.caching import cached_datasets
+    from zoo.finetune.distributed import shard
 
     cfg, frozen_seconds = plan.cfg, 0.0
     if plan.cache:
@@ -91,6 +123,7 @@ def fit(plan: Plan, full, base, model) -> FinetuneResult:
         val_ds = eval_dataset(plan.val, plan.spec, cfg.batch_size)
         probe = _probe(plan, full, model)
     probe = probe if cfg.strategy == "none" else None  # distributed: per-replica gradients on a host batch do not apply
+    train_ds, val_ds = shard(train_ds), shard(val_ds)
     hist = model.fit(train_ds, validation_data=val_ds, epochs=cfg.epochs, initial_epoch=plan.first_epoch,
                      steps_per_epoch=steps_per_epoch(plan), verbose=0, shuffle=False,  # the datasets order themselves
                      callbacks=callbacks.build_callbacks(plan, full, probe))
@@ -154,13 +187,3 @@ def optimizer(cfg: FinetuneConfig, steps_per_epoch: int):
     if cfg.optimizer == "adam":
         return FusedAdam(lr)
     return FusedSGD(lr, momentum=cfg.momentum)
-
-
-def strategy(name: str):
-    import tensorflow as tf
-
-    if name == "mirrored":
-        return tf.distribute.MirroredStrategy()
-    if name == "multiworker":
-        return tf.distribute.MultiWorkerMirroredStrategy()
-    return tf.distribute.get_strategy()

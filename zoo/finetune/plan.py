@@ -38,6 +38,11 @@ class Plan:
         return self.state.get("epoch", 0)
 
     @property
+    def chief(self) -> bool:
+        """This process writes the run folder (the other workers of a multi-worker run write a temporary one)."""
+        return self.run == Path(self.cfg.out)
+
+    @property
     def finishing(self) -> bool:
         """Every epoch ran, but the final files were not all written (killed, or out of disk, at the end)."""
         return self.first_epoch >= self.cfg.epochs

@@ -1,0 +1,101 @@
+"""Multi-worker fine-tuning on loopback: workers started by zoo.finetune.launch (TF_CONFIG, own process groups, all
+killed on a failure or past the timeout, so none outlives a test), checked against one-process runs."""
+
+import json
+import os
+import sys
+
+import numpy as np
+import pytest
+from conftest import TESTS
+
+from zoo.finetune import finetune
+from zoo.finetune.launch import launch
+from zoo.registry import load_weights
+
+# a worker: the narrow test specs registered, then the zoo CLI; ZOO_TEST_WORKER1 adds arguments to worker 1 only
+WORKER = [sys.executable, "-c", f"""
+import json, os, sys
+sys.path.insert(0, {str(TESTS)!r})
+from conftest import NarrowSpecPlugin
+from zoo.plugins import get_plugins
+get_plugins().register(NarrowSpecPlugin(), name="narrow")
+from zoo.cli import main
+extra = os.environ.get("ZOO_TEST_WORKER1", "").split() if json.loads(os.environ["TF_CONFIG"])["task"]["index"] == 1 else []
+sys.exit(main(sys.argv[1:] + extra))
+"""]
+# no dropout: each replica would draw its own masks. 16 training images: two full global batches of 8, 4 a worker
+SETTINGS = dict(model="narrow@nodropout", epochs=2, batch_size=8, lr=0.01, train=["fc6", "fc7", "fc8"], augment=False, seed=0)
+LIMIT = 120  # seconds a launched job may take before every worker is killed
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    from zoo.example import make_example
+
+    return make_example(tmp_path_factory.mktemp("mw"), per_class=10, size=40)
+
+
+def cli_args(settings: dict) -> list[str]:
+    args = ["finetune", settings["model"], "--weights", "random"]
+    for key, value in settings.items():
+        if key == "model":
+            continue
+        flag = "--" + key.replace("_", "-")
+        if value is False:
+            args.append("--no-" + key)
+        elif value is not True:
+            args += [flag, ",".join(value) if isinstance(value, list) else str(value)]
+    return args
+
+
+def two_workers(data, out, capfd, **kw) -> tuple[int, str]:
+    code = launch(2, cli_args(SETTINGS | kw | {"data": data, "out": out}), program=WORKER, timeout=LIMIT)
+    return code, capfd.readouterr().err
+
+
+def assert_same_weights(a, b, rtol, atol):
+    a, b = load_weights(a).tensors, load_weights(b).tensors
+    assert set(a) == set(b)
+    for name in a:
+        np.testing.assert_allclose(a[name], b[name], rtol=rtol, atol=atol, err_msg=name)
+
+
+def test_two_workers_train_as_one_with_the_same_global_batch_and_only_the_chief_writes(tmp_path, narrow_spec, data, capfd):
+    out = tmp_path / "two"
+    code, err = two_workers(data, out, capfd, cache_features="off")
+    assert code == 0, err[-3000:]
+    assert "[w0] " in err and "[w1] " in err and "unexpected" not in err
+    one = finetune(**SETTINGS, data=str(data), cache_features="off", out=str(tmp_path / "one"))
+    # the same images in each global batch; the gradient is the mean of the workers' means (4 images each) instead of
+    # one mean over 8, and its all-reduce adds in another order: float32 rounding, a few ulps a step over 4 steps
+    assert_same_weights(one.weights, out / "weights.safetensors", rtol=1e-4, atol=1e-5)
+    chief = {p.name for p in out.iterdir()}
+    assert {"config.json", "checkpoints", "metrics.csv", "tensorboard", "weights.safetensors", "report"} <= chief
+    assert [line.split(",")[0] for line in (out / "metrics.csv").read_text().splitlines()[1:]] == ["1", "2"]  # once, not twice
+    assert not list(tmp_path.glob("zoo-worker*")) and "[w1] report" not in err  # worker 1 wrote to a folder since removed
+
+
+def test_a_worker_started_with_other_arguments_is_refused(tmp_path, narrow_spec, data, capfd, monkeypatch):
+    monkeypatch.setenv("ZOO_TEST_WORKER1", "--lr 0.05")
+    code, err = two_workers(data, tmp_path / "run", capfd, epochs=1)
+    assert code == 1, err[-3000:]
+    refusal = "worker(s) 1 were started with other settings than worker 0"
+    assert f"[w0] zoo: error: {refusal}" in err or f"[w1] zoo: error: {refusal}" in err, err[-3000:]
+    assert not (tmp_path / "run" / "config.json").exists()  # refused before anything was written
+
+
+def test_mixed_bfloat16_trains_and_exports_float32(tmp_path, narrow_spec, data, cli):
+    import keras
+
+    out = tmp_path / "bf16"
+    code, _, err = cli(*cli_args(SETTINGS | {"epochs": 1, "data": data, "out": out, "precision": "mixed_bfloat16"}),
+                       "--export", "savedmodel")
+    assert code == 0, err
+    assert keras.config.dtype_policy().name == "float32"  # the global policy is back
+    weights = load_weights(out / "weights.safetensors")
+    assert all(t.dtype == np.float32 for t in weights.tensors.values())
+    assert json.loads(weights.metadata["training"])["precision"] == "mixed_bfloat16"
+    with np.load(out / "checkpoints" / "last-a.npz") as slot:
+        assert {slot[k].dtype for k in slot.files if k.startswith("model_")} == {np.dtype(np.float32)}
+    assert os.path.exists(out / "exported" / "savedmodel" / "saved_model.pb")
