@@ -13,16 +13,31 @@ from zoo.finetune import finetune
 from zoo.finetune.launch import launch
 from zoo.registry import load_weights
 
-# a worker: the narrow test specs registered, then the zoo CLI; ZOO_TEST_WORKER1 adds arguments to worker 1 only
+# a worker: the narrow test specs registered, then the zoo CLI. Worker 1 only: ZOO_TEST_WORKER1 adds arguments;
+# ZOO_TEST_KILL_WORKER1=EPOCH:STEP (from 0) sends it SIGKILL as that training step begins
 WORKER = [sys.executable, "-c", f"""
-import json, os, sys
+import json, os, signal, sys
 sys.path.insert(0, {str(TESTS)!r})
+import keras
 from conftest import NarrowSpecPlugin
+from zoo.finetune import callbacks
 from zoo.plugins import get_plugins
 get_plugins().register(NarrowSpecPlugin(), name="narrow")
 from zoo.cli import main
-extra = os.environ.get("ZOO_TEST_WORKER1", "").split() if json.loads(os.environ["TF_CONFIG"])["task"]["index"] == 1 else []
-sys.exit(main(sys.argv[1:] + extra))
+first = json.loads(os.environ["TF_CONFIG"])["task"]["index"] == 1
+kill = first and os.environ.get("ZOO_TEST_KILL_WORKER1")
+
+class Kill(keras.callbacks.Callback):
+    def on_epoch_begin(self, epoch, logs=None):
+        self.epoch = epoch
+
+    def on_train_batch_begin(self, step, logs=None):
+        if f"{{self.epoch}}:{{step}}" == kill:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+real = callbacks.build_callbacks
+callbacks.build_callbacks = lambda *a: real(*a) + [Kill()]
+sys.exit(main(sys.argv[1:] + (os.environ.get("ZOO_TEST_WORKER1", "").split() if first else [])))
 """]
 # no dropout: each replica would draw its own masks. 16 training images: two full global batches of 8, 4 a worker
 SETTINGS = dict(model="narrow@nodropout", epochs=2, batch_size=8, lr=0.01, train=["fc6", "fc7", "fc8"], augment=False, seed=0)
@@ -99,3 +114,47 @@ def test_mixed_bfloat16_trains_and_exports_float32(tmp_path, narrow_spec, data, 
     with np.load(out / "checkpoints" / "last-a.npz") as slot:
         assert {slot[k].dtype for k in slot.files if k.startswith("model_")} == {np.dtype(np.float32)}
     assert os.path.exists(out / "exported" / "savedmodel" / "saved_model.pb")
+    plain = finetune(**SETTINGS | {"epochs": 1}, data=str(data), out=str(tmp_path / "f32")).weights
+    a, b = load_weights(plain).tensors["fc7.kernel"], weights.tensors["fc7.kernel"]
+    assert not np.array_equal(a, b)  # computed in bfloat16 (8 bits of mantissa): not the float32 run's weights,
+    np.testing.assert_allclose(a, b, atol=0.02)  # but close to them
+
+
+def test_a_worker_killed_mid_epoch_and_the_job_resumed_loses_only_that_epoch(tmp_path, narrow_spec, data, capfd, monkeypatch):
+    out = tmp_path / "run"
+    monkeypatch.setenv("ZOO_TEST_KILL_WORKER1", "1:1")  # the second step of epoch 2 (two steps an epoch)
+    code, err = two_workers(data, out, capfd, epochs=3)
+    assert code == 128 + 9, err[-3000:]  # worker 1's SIGKILL; the launcher killed worker 0 then
+    assert json.loads((out / "checkpoints" / "state.json").read_text())["epoch"] == 1  # epoch 2 was lost, not more
+    monkeypatch.delenv("ZOO_TEST_KILL_WORKER1")
+    code = launch(2, ["finetune", "--out", str(out), "--resume"], program=WORKER, timeout=LIMIT)
+    err = capfd.readouterr().err
+    assert code == 0 and f"[w1] zoo: resumed {out} after epoch 1" in err, err[-3000:]
+    whole = finetune(**SETTINGS | {"epochs": 3}, data=str(data), out=str(tmp_path / "whole"))
+    assert_same_weights(whole.weights, out / "weights.safetensors", rtol=1e-4, atol=1e-5)  # as the first test's
+    assert [line.split(",")[0] for line in (out / "metrics.csv").read_text().splitlines()[1:]] == ["1", "2", "3"]
+
+
+def test_a_failed_step_names_worker_epoch_step_and_layer_in_one_line_without_values(tmp_path, narrow_spec, data, cli, monkeypatch):
+    import tensorflow as tf
+
+    from zoo.finetune import caching
+    from zoo.finetune.distributed import step_error
+
+    real = caching.cached_datasets
+
+    def bad_labels(plan, base):  # label 7 for a 2-class head: the loss op of the first step fails
+        train_ds, *rest = real(plan, base)
+        return (train_ds.map(lambda x, y: (x, y + 7)), *rest)
+
+    monkeypatch.setattr(caching, "cached_datasets", bad_labels)
+    code, _, err = cli(*cli_args(SETTINGS | {"epochs": 1, "data": data, "out": tmp_path / "run"}))
+    line = err.strip().splitlines()[-1]
+    assert code == 1 and line.startswith("zoo: error: training failed (worker 0, epoch 1, step 1): InvalidArgumentError: "), err
+    assert "Traceback" not in err and "tf.Tensor" not in err and len(line) < 500, line
+
+    replica = ValueError("Attempt to convert a value (PerReplica:{\n  0: <tf.Tensor: shape=(4, 32, 32, 3), numpy=array([[1.5]])>})")
+    message = str(step_error(replica, narrow_spec.layer_names, 1, 0, 3))
+    assert message == "training failed (worker 1, epoch 1, step 4): ValueError: Attempt to convert a value", message
+    node = tf.errors.InvalidArgumentError(None, None, "Matrix size-incompatible: In[0]: [4,800] [[{{node functional_1/fc6_1/MatMul}}]]")
+    assert ", layer fc6):" in str(step_error(node, narrow_spec.layer_names, 0, 1, 0))

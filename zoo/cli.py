@@ -549,7 +549,10 @@ def main(argv=None) -> int:
     except Exception as e:
         if args.debug:
             raise
-        print(f"zoo: unexpected {type(e).__name__}: {e} (a bug; run with --debug for the traceback)", file=sys.stderr)
+        from zoo.safe_pickle import one_line
+
+        message = one_line(str(e).strip().partition("\n")[0], 300)  # a TensorFlow error can go on to print whole tensors
+        print(f"zoo: unexpected {type(e).__name__}: {message} (a bug; run with --debug for the traceback)", file=sys.stderr)
         return 1
     finally:
         _warn_plugin_failures()  # after the command: a hook can fail while it runs

@@ -40,6 +40,18 @@ class StopOnNaN(keras.callbacks.TerminateOnNaN):
                            f"Try a lower --lr than {self.lr:g} in a new run; {last}", self.folder.parent) from None
 
 
+class Position(keras.callbacks.Callback):
+    """The epoch and step in progress, for naming where a failed step was."""
+
+    epoch = step = 0
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.epoch, self.step = epoch, 0
+
+    def on_train_batch_begin(self, batch, logs=None):
+        self.step = batch
+
+
 class Metrics(keras.callbacks.CSVLogger):
     """metrics.csv, epochs counted from 1 as on the console and in state.json (Keras' CSVLogger counts from 0)."""
 
@@ -140,7 +152,7 @@ class Progress(keras.callbacks.Callback):
 
 def build_callbacks(plan, full_model, probe) -> list:
     run, cfg = plan.run, plan.cfg
-    callbacks = [StopOnNaN(run, cfg.lr), Progress(cfg.epochs, cfg.batch_size), Metrics(str(run / "metrics.csv"), append=True),
+    callbacks = [Position(), StopOnNaN(run, cfg.lr), Progress(cfg.epochs, cfg.batch_size), Metrics(str(run / "metrics.csv"), append=True),
                  keras.callbacks.TensorBoard(str(run / "tensorboard"), histogram_freq=0, write_graph=False),
                  Checkpoint(run, full_model, plan.spec, plan.train.classes, plan.trained)]
     return callbacks + ([Histograms(run, probe)] if probe is not None else [])

@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import re
 import shutil
 import tempfile
 from contextlib import contextmanager
@@ -84,7 +85,7 @@ def config_digest(cfg) -> int:
 def agree(strat, cfg) -> None:
     """Every worker's settings must be the chief's: the digests are gathered from all workers by a collective
     (each sees all), and a worker started with other arguments stops every worker with the same error."""
-    if strat.num_replicas_in_sync == 1 or not hasattr(strat, "cluster_resolver"):
+    if getattr(strat, "cluster_resolver", None) is None or _workers(strat) == 1:  # one process: nothing to compare
         return
     mine = config_digest(cfg)
     gathered = strat.gather(strat.experimental_distribute_values_from_function(lambda _: tf.constant([mine], tf.int64)), axis=0).numpy().tolist()
@@ -106,3 +107,20 @@ def writes_to(strat, run: Path, index: int):
         yield scratch / "run"
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+
+
+# where a message starts printing a value: a PerReplica's or a tensor's repr, a NumPy array
+_VALUE = re.compile(r"\(?(PerReplica:\{|<tf\.Tensor|tf\.Tensor\(|array\()")
+
+
+def step_error(e: Exception, layers: list[str], worker: int, epoch: int, step: int) -> ZooError:
+    """A failed training step as one line naming the worker, the epoch and step (counted from 1) and the layer
+    whose op failed (TensorFlow names the node, e.g. {{node functional_1/fc7_1/MatMul}}), never printing the
+    values: a PerReplica's repr holds every replica's whole batch."""
+    text = str(e)
+    node = re.search(r"\{\{node ([^}]+)\}\}", text)
+    parts = {re.sub(r"_\d+$", "", part) for part in node.group(1).split("/")} if node else set()
+    layer = next((name for name in layers if name in parts), None)
+    message = _VALUE.split(text.strip(), maxsplit=1)[0].strip().partition("\n")[0] or "(no message)"
+    where = f"worker {worker}, epoch {epoch + 1}, step {step + 1}" + (f", layer {layer}" if layer else "")
+    return ZooError(f"training failed ({where}): {type(e).__name__}: {message[:300]}")

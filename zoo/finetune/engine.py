@@ -159,6 +159,7 @@ def _probe(plan: Plan, full, model):
 def _results(plan: Plan, full, history: list[dict]) -> FinetuneResult:
     """Verified weights with the new head, class names; the result."""
     from zoo.backends.keras import model_tensors
+    from zoo.export import save_reference
     from zoo.finetune.checkpoints import atomic_write_text, read_state
     from zoo.weights import save_weights
 
@@ -167,6 +168,7 @@ def _results(plan: Plan, full, history: list[dict]) -> FinetuneResult:
             "training": json.dumps({k: v for k, v in asdict(cfg).items() if k not in ("out", "resume")}),
             "base_weights_sha256": plan.weights.metadata.get("source_sha256", "") if plan.weights else "random-init"}
     out = save_weights(plan.run / "weights.safetensors", plan.spec, model_tensors(full, plan.spec), meta)
+    save_reference(out, full, plan.spec)  # the logits zoo export checks the run's artifacts against, without TensorFlow
     state = read_state(plan.run / "checkpoints")
     state["finished"] = state["epoch"]  # every file written: --resume now needs more --epochs
     atomic_write_text(plan.run / "checkpoints" / "state.json", json.dumps(state))
