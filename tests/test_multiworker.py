@@ -76,7 +76,9 @@ def assert_same_weights(a, b, rtol, atol):
         np.testing.assert_allclose(a[name], b[name], rtol=rtol, atol=atol, err_msg=name)
 
 
-def test_two_workers_train_as_one_with_the_same_global_batch_and_only_the_chief_writes(tmp_path, narrow_spec, data, capfd):
+def test_two_workers_train_as_one_with_the_same_global_batch_and_only_the_chief_writes(tmp_path, narrow_spec, data, capfd,
+                                                                                        monkeypatch):
+    monkeypatch.setenv("TMPDIR", str(tmp_path))  # where worker 1 writes its temporary folder
     out = tmp_path / "two"
     code, err = two_workers(data, out, capfd, cache_features="off")
     assert code == 0, err[-3000:]
@@ -88,7 +90,8 @@ def test_two_workers_train_as_one_with_the_same_global_batch_and_only_the_chief_
     chief = {p.name for p in out.iterdir()}
     assert {"config.json", "checkpoints", "metrics.csv", "tensorboard", "weights.safetensors", "report"} <= chief
     assert [line.split(",")[0] for line in (out / "metrics.csv").read_text().splitlines()[1:]] == ["1", "2"]  # once, not twice
-    assert not list(tmp_path.glob("zoo-worker*")) and "[w1] report" not in err  # worker 1 wrote to a folder since removed
+    assert "[w1] zoo: fine-tuning" in err and f"run folder {tmp_path}/zoo-worker1-" in err  # worker 1 wrote there,
+    assert not list(tmp_path.glob("zoo-worker*")) and "[w1] report" not in err  # and the folder is removed
 
 
 def test_a_worker_started_with_other_arguments_is_refused(tmp_path, narrow_spec, data, capfd, monkeypatch):
@@ -122,6 +125,7 @@ def test_mixed_bfloat16_trains_and_exports_float32(tmp_path, narrow_spec, data, 
 
 def test_a_worker_killed_mid_epoch_and_the_job_resumed_loses_only_that_epoch(tmp_path, narrow_spec, data, capfd, monkeypatch):
     out = tmp_path / "run"
+    monkeypatch.setenv("TMPDIR", str(tmp_path))  # a killed worker cannot remove its temporary folder
     monkeypatch.setenv("ZOO_TEST_KILL_WORKER1", "1:1")  # the second step of epoch 2 (two steps an epoch)
     code, err = two_workers(data, out, capfd, epochs=3)
     assert code == 128 + 9, err[-3000:]  # worker 1's SIGKILL; the launcher killed worker 0 then

@@ -97,7 +97,7 @@ def build(plan: Plan, strat):
                       loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True), metrics=["accuracy"])
         if plan.first_epoch:
             restore_checkpoint(model, Path(cfg.out) / "checkpoints" / plan.state["last"])  # the chief's, on every worker
-            say(f"resumed {plan.run} after epoch {plan.first_epoch}")
+            say(f"resumed {cfg.out} after epoch {plan.first_epoch}")  # the chief's run, on every worker
     return full, base, model
 
 
