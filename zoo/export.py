@@ -4,13 +4,15 @@ to int8 LiteRT and ONNX, whose agreement with the float model on calibration ima
 recorded instead (quantization changes the numbers by design).
 
 ONNX is written from the spec by zoo.backends.onnx (each layer kind's own nodes, weights streamed);
-nothing is trusted until onnx.checker and ONNX Runtime agree with TensorFlow. Every artifact carries the
+nothing is trusted until onnx.checker and ONNX Runtime agree with the Keras model's logits (those a run stored
+at the end of `zoo finetune`, which need no TensorFlow here, or Keras' own). Every artifact carries the
 spec, its fingerprint, the preprocessing and the class names (artifact_metadata), in the format's own
 metadata or in `<file>.json` beside it.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -22,18 +24,20 @@ from pathlib import Path
 
 import numpy as np
 
-from zoo.backends.onnx import DEFAULT_OPSET, onnx_graph, size_free, write_onnx
+from zoo.backends.onnx import DEFAULT_OPSET, check_onnx, onnx_graph, size_free, write_onnx
 from zoo.errors import ZooError
 from zoo.features import Part, select
 from zoo.layers import KINDS
 from zoo.progress import bar
 from zoo.registry import load_weights
 from zoo.spec import ModelSpec
-from zoo.weights import Weights
+from zoo.weights import Weights, file_digest
 
 FORMATS = ("savedmodel", "onnx", "keras", "tflite", "tflite-int8", "onnx-int8")
 DEFAULT_FORMATS = ("savedmodel", "onnx")
 QUANTIZED = ("tflite-int8", "onnx-int8")
+# ONNX first: it is written and checked before TensorFlow is loaded, and its runtime is gone by then
+ORDER = ("onnx", "savedmodel", "keras", "tflite", "tflite-int8", "onnx-int8")
 MIN_AGREEMENT = 0.5  # top-1 agreement with the float model below which an int8 export is refused
 
 
@@ -102,6 +106,48 @@ def _checker(part: Part):
     return compare if part.logits else partial(compare, ranks=False)
 
 
+# --- the trained model's reference logits -------------------------------------------------------------
+
+REFERENCE = Path("checkpoints") / "reference.npz"
+
+
+def _digest(array: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(array).tobytes()).hexdigest()
+
+
+def save_reference(weights_file: Path, model, spec: ModelSpec) -> None:
+    """checkpoints/reference.npz beside `weights_file`: the Keras `model`'s logits on check_batch and the sha256s
+    of the weights file and of the batch they belong to. Written at the end of `zoo finetune`, where the
+    trained model is in memory anyway, so that `zoo export` of the run checks each artifact against it
+    without importing TensorFlow (stored_reference). Not for a model computing in 16 bits (a mixed
+    precision policy): its logits are not those of the float32 model the exports are."""
+    if any(layer.compute_dtype != "float32" for layer in model.layers):
+        return
+    batch = check_batch(spec)
+    path = weights_file.parent / REFERENCE
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as f:  # a file object: np.savez would add .npz to the name
+        np.savez(f, logits=model.predict(batch, verbose=0), weights_sha256=file_digest(weights_file), batch_sha256=_digest(batch))
+    os.replace(tmp, path)
+
+
+def stored_reference(source: Path, src: Source) -> np.ndarray | None:
+    """The run's stored reference logits (save_reference) where they are those of what is exported: the whole
+    network, and the check batch and weights file the same as when they were computed (their sha256s);
+    else None. An unreadable file is no reference: the Keras model computes it."""
+    path = source / REFERENCE
+    if not (path.is_file() and src.part.logits and src.part.pooling is None):
+        return None
+    batch = check_batch(src.part)
+    try:
+        with np.load(path) as stored:
+            if str(stored["batch_sha256"]) == _digest(batch) and str(stored["weights_sha256"]) == file_digest(source / "weights.safetensors"):
+                return stored["logits"]
+    except (OSError, ValueError, KeyError):
+        pass
+    return None
+
+
 # --- replacing an earlier export -----------------------------------------------------------------------
 
 ONNX_FILES = ("model.onnx.data", "model.onnx")  # the main file last
@@ -164,9 +210,11 @@ def export_onnx(src: Source, out: Path, reference, opset: int = DEFAULT_OPSET, e
         part = src.part
         dynamic = size_free(part, src.weights.tensors)
         model, inits = onnx_graph(src.spec, src.weights.tensors, src.classes, opset, part, dynamic)
-        write_onnx(tmp / target.name, model, inits, release=src.weights.release, external=external)
-        onnx.checker.check_model(str(tmp / target.name), full_check=True)
-        session = ort.InferenceSession(str(tmp / target.name), providers=["CPUExecutionProvider"])
+        offsets = write_onnx(tmp / target.name, model, inits, release=src.weights.release, external=external)
+        check_onnx(tmp / target.name, model, inits, offsets)
+        options = ort.SessionOptions()  # prepacking would hold the dense weights twice while the session starts
+        options.add_session_config_entry("session.disable_prepacking", "1")
+        session = ort.InferenceSession(str(tmp / target.name), options, providers=["CPUExecutionProvider"])
         sizes = [None, second_size(part)] if dynamic else [None]  # None: the part's own
         output = "logits" if part.logits else "features"
         got = [session.run([output], {"image": check_batch(part, size=size)})[0] for size in sizes]
@@ -461,7 +509,9 @@ def export(source, formats=DEFAULT_FORMATS, out=None, opset: int = DEFAULT_OPSET
         return create_model(None, weights=src.weights, include_top=include_top, pooling=pooling, input_size=size)
 
     @cache
-    def reference(size=None):
+    def reference(size=None):  # the trained model's logits stored by zoo finetune where they apply, else Keras'
+        if size is None and (stored := stored_reference(Path(source), src)) is not None:
+            return stored
         return keras_model(size).predict(check_batch(src.part, size=size), verbose=0)
 
     @cache
@@ -476,9 +526,8 @@ def export(source, formats=DEFAULT_FORMATS, out=None, opset: int = DEFAULT_OPSET
              "onnx-int8": lambda: export_onnx_int8(src, out, calibrated(), opset)}
     written = []
     with bar(len(formats), f"exporting to {out}", "format") as progress:
-        for fmt in FORMATS:  # in this order: ONNX is written and checked before TensorFlow is loaded
-            if fmt in formats:
-                written.append(steps[fmt]())
-                progress.update()
+        for fmt in sorted(set(formats), key=ORDER.index):
+            written.append(steps[fmt]())
+            progress.update()
     (out / "classes.txt").write_text("\n".join(src.classes) + "\n")
     return written

@@ -140,7 +140,7 @@ def needs_external_data(model, inits) -> bool:
     return model.ByteSize() + sum(a.nbytes + 64 + len(n) for n, a in inits) >= PROTOBUF_LIMIT
 
 
-def write_onnx(path, model, inits: list[tuple[str, np.ndarray]], release=None, external: bool | None = None) -> None:
+def write_onnx(path, model, inits: list[tuple[str, np.ndarray]], release=None, external: bool | None = None) -> dict[str, tuple[str, int]]:
     """Write `model` with `inits` as initializers, streaming each weight from its array to the file.
 
     protobuf merges repeated occurrences of a message field, so the file is the weightless model followed,
@@ -150,7 +150,7 @@ def write_onnx(path, model, inits: list[tuple[str, np.ndarray]], release=None, e
 
     With `external` (default: when the file would pass protobuf's 2 GiB limit) the weights go to
     `<name>.data` beside it, each at a 4 KiB-aligned offset, and the initializers only point there
-    (ONNX's external data)."""
+    (ONNX's external data). Returns where each weight's bytes are: {name: (file name, offset)} (check_onnx)."""
     from contextlib import nullcontext
     from pathlib import Path
 
@@ -159,6 +159,7 @@ def write_onnx(path, model, inits: list[tuple[str, np.ndarray]], release=None, e
     path = Path(path)
     external = needs_external_data(model, inits) if external is None else external
     data_file = path.with_name(path.name + ".data")
+    offsets = {}
     with open(path, "wb") as f, (open(data_file, "wb") if external else nullcontext()) as data_out:
         f.write(model.SerializeToString())
         for name, arr in inits:
@@ -168,17 +169,59 @@ def write_onnx(path, model, inits: list[tuple[str, np.ndarray]], release=None, e
                 offset = -(-data_out.tell() // 4096) * 4096
                 data_out.seek(offset)
                 data_out.write(memoryview(data.reshape(-1)).cast("B"))
-                tensor.data_location = TensorProto.EXTERNAL
-                for key, value in (("location", data_file.name), ("offset", offset), ("length", data.nbytes)):
-                    tensor.external_data.add(key=key, value=str(value))
-                record = tensor.SerializeToString()
+                offsets[name] = (data_file.name, offset)
+                record = _external(tensor, data_file.name, offset, data.nbytes).SerializeToString()
                 f.write(_field(7, len(_field(5, len(record))) + len(record)) + _field(5, len(record)) + record)
             else:
                 head = tensor.SerializeToString()
                 size = len(head) + len(_field(9, data.nbytes)) + data.nbytes
                 graph = len(_field(5, size)) + size
                 f.write(_field(7, graph) + _field(5, size) + head + _field(9, data.nbytes))
+                offsets[name] = (path.name, f.tell())
                 f.write(memoryview(data.reshape(-1)).cast("B"))
             del data
             if release:
                 release(arr)
+    return offsets
+
+
+def _external(tensor, location: str, offset: int, length: int):
+    """`tensor` as ONNX external data: its bytes are `length` at `offset` in the file `location`."""
+    from onnx import TensorProto
+
+    tensor.data_location = TensorProto.EXTERNAL
+    for key, value in (("location", location), ("offset", offset), ("length", length)):
+        tensor.external_data.add(key=key, value=str(value))
+    return tensor
+
+
+SMALL = 1 << 16  # bytes: an initializer check_onnx keeps inside the model it checks
+
+
+def check_onnx(path, model, inits: list[tuple[str, np.ndarray]], offsets: dict[str, tuple[str, int]]) -> None:
+    """onnx.checker's full check (strict shape inference included) of the file write_onnx wrote `model` and
+    `inits` to, with `offsets` its answer, without loading the weights: checking an ONNX file loads it whole
+    as protobuf (2x the model, the export's peak). What is checked instead is the same model with each
+    large initializer as external data pointing at its bytes inside that file (or its .data file), written
+    beside it as a small file. Small initializers keep their values: shape inference reads constants (a
+    Reshape's shape). The weights' values are proven by ONNX Runtime running the file itself."""
+    from pathlib import Path
+
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    path = Path(path)
+    skeleton = onnx.ModelProto()
+    skeleton.CopyFrom(model)
+    for name, arr in inits:
+        if arr.nbytes <= SMALL:
+            skeleton.graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(arr), name))
+        else:
+            tensor = TensorProto(name=name, dims=arr.shape, data_type=helper.np_dtype_to_tensor_dtype(arr.dtype))
+            skeleton.graph.initializer.append(_external(tensor, *offsets[name], arr.nbytes))
+    checked = path.with_name(f".check.{path.name}")
+    try:
+        onnx.save(skeleton, str(checked))
+        onnx.checker.check_model(str(checked), full_check=True)
+    finally:
+        checked.unlink(missing_ok=True)

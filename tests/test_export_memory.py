@@ -1,0 +1,79 @@
+"""`zoo export` of a finished run checks each artifact against the trained Keras model's logits, stored at the
+end of `zoo finetune` (checkpoints/reference.npz): the ONNX export imports no TensorFlow, and still refuses a
+file that differs from them."""
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from zoo.export import REFERENCE, check_batch, open_source, stored_reference
+
+
+@pytest.fixture(scope="module")
+def narrow_run(tmp_path_factory, example_data):
+    from conftest import NarrowSpecPlugin
+
+    from zoo.finetune import finetune
+    from zoo.plugins import get_plugins
+
+    get_plugins().register(NarrowSpecPlugin(), name="narrow-specs")
+    out = tmp_path_factory.mktemp("run") / "run"
+    finetune(model="narrow", data=str(example_data), epochs=1, batch_size=32, lr=0.003, optimizer="adam", out=str(out))
+    return out
+
+
+@pytest.fixture(autouse=True)
+def _narrow_registered(narrow_spec):
+    yield
+
+
+def export_in_a_child(run: Path, out: Path, perturb: bool = False):
+    """`zoo export RUN --format onnx` in a fresh interpreter (the narrow spec registered), with `perturb` every
+    weight written 1% larger; prints whether TensorFlow got imported."""
+    code = (
+        f"import sys\nsys.path.insert(0, {str(Path(__file__).parent)!r})\n"
+        "from conftest import NarrowSpecPlugin\nfrom zoo.plugins import get_plugins\n"
+        "get_plugins().register(NarrowSpecPlugin(), name='narrow-specs')\n"
+        "import zoo.export\nwrite = zoo.export.write_onnx\n"
+        "def perturbed(path, model, inits, **kw):\n    return write(path, model, [(n, a * 1.01) for n, a in inits], **kw)\n"
+        f"if {perturb}:\n    zoo.export.write_onnx = perturbed\n"
+        "from zoo.cli import main\n"
+        f"rc = main(['export', {str(run)!r}, '--format', 'onnx', '--out', {str(out)!r}])\n"
+        "print('TF-IMPORTED' if 'tensorflow' in sys.modules else 'TF-NOT-IMPORTED')\nsys.exit(rc)\n"
+    )
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+
+
+def test_the_stored_reference_is_the_trained_keras_models_output(narrow_run):
+    import zoo
+
+    src = open_source(narrow_run)
+    stored = stored_reference(narrow_run, src)
+    model = zoo.create_model(None, weights=narrow_run / "weights.safetensors")
+    want = model.predict(check_batch(src.spec), verbose=0)
+    np.testing.assert_allclose(stored, want, rtol=1e-5, atol=1e-6 * np.abs(want).max())
+
+
+def test_onnx_export_of_a_run_imports_no_tensorflow_and_refuses_a_different_file(narrow_run, tmp_path):
+    p = export_in_a_child(narrow_run, tmp_path / "good")
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "TF-NOT-IMPORTED" in p.stdout and (tmp_path / "good" / "model.onnx").exists()
+    p = export_in_a_child(narrow_run, tmp_path / "bad", perturb=True)
+    assert p.returncode == 1 and "does not match the Keras model" in p.stderr, p.stderr[-2000:]
+    assert "TF-NOT-IMPORTED" in p.stdout and not (tmp_path / "bad" / "model.onnx").exists()
+
+
+def test_a_reference_of_other_weights_is_not_used(narrow_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(narrow_run, run)
+    assert stored_reference(run, open_source(run)) is not None
+    with open(run / "weights.safetensors", "r+b") as f:  # a value in the last tensor's bytes: another model
+        f.seek(-4, 2)
+        f.write(np.float32(0.5).tobytes())
+    assert stored_reference(run, open_source(run)) is None
+    (run / REFERENCE).write_bytes(b"not an npz")
+    assert stored_reference(run, open_source(run)) is None
