@@ -122,6 +122,8 @@ def _spec_beside(path: Path) -> ModelSpec:
 
 
 def bench(source: str, batches=(1, 32), runtimes=None, seconds: float = 3.0) -> dict:
+    if not batches or min(batches) < 1 or not seconds > 0:  # before the model is built
+        raise ZooError(f"batch sizes are 1 or more and seconds above 0, not {list(batches)} and {seconds}")
     found = target(source)
     missing = found.missing or {}
     unknown = [r for r in runtimes or () if r not in RUNTIMES]

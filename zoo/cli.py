@@ -15,6 +15,7 @@ from zoo import __version__
 from zoo.errors import ZooError
 from zoo.features import POOLINGS
 from zoo.finetune.config import add_arguments as add_finetune_arguments
+from zoo.weights import check_output_location
 
 
 def _print_json(obj):
@@ -233,8 +234,18 @@ def cmd_export(args):
 
     formats = [f.strip() for f in args.format.split(",") if f.strip()]
     top = args.include_top == "true"
-    written = export(_weights_file(args.source), formats=formats, out=args.out, opset=args.opset, include_top=top, pooling=args.pooling,
-                     calibration=args.calibration)
+    if args.out:
+        check_output_location(args.out, folder=True)
+    if args.calibration and not Path(args.calibration).is_dir():
+        raise ZooError("no such folder of calibration images", args.calibration)
+    try:
+        written = export(_weights_file(args.source), formats=formats, out=args.out, opset=args.opset, include_top=top,
+                         pooling=args.pooling, calibration=args.calibration)
+    except OSError as e:
+        if e.filename is not None:
+            raise
+        # the converters' writers (onnx.save, TensorFlow) name no file: what fails there is writing the export
+        raise ZooError(f"cannot write the export: {e.strerror or e}", args.out or Path(args.source).parent / "exported") from None
     if args.json:
         _print_json({"exported": [str(p) for p in written]})
     for path in written if not args.json else ():
@@ -263,12 +274,13 @@ def cmd_predict(args):
 def cmd_features(args):
     from zoo.features import extract, outputs, write
 
-    outputs(args.output)  # a wrong name is refused before the work
-    if args.weights is None:
-        print("zoo: note: no --weights: features of randomly initialised layers", file=sys.stderr)
+    for path in outputs(args.output):  # a wrong name or place is refused before the work
+        check_output_location(path)
     feats, paths = extract(args.model, args.images, layer=args.layer, weights=args.weights, batch_size=args.batch_size,
                            pooling=args.pooling, input_size=args.input_size)
     npy, txt = write(args.output, feats, paths)
+    if args.weights is None:  # said of what was written: a failure stays one line
+        print("zoo: note: no --weights: features of randomly initialised layers", file=sys.stderr)
     if args.json:
         _print_json({"features": str(npy), "paths": str(txt), "shape": list(feats.shape)})
     else:
@@ -299,7 +311,11 @@ def cmd_report(args):
 def cmd_bench(args):
     from zoo.bench import bench
 
-    result = bench(args.model, batches=[int(b) for b in args.batch.split(",")],
+    try:
+        batches = [int(b) for b in args.batch.split(",")]
+    except ValueError:
+        raise ZooError(f"--batch takes whole numbers, comma-separated, not {args.batch!r}") from None
+    result = bench(args.model, batches=batches,
                    runtimes=[r.strip() for r in args.runtimes.split(",")] if args.runtimes else None, seconds=args.seconds)
     if args.json:
         _print_json(result)
@@ -414,6 +430,8 @@ def cmd_completion(args):
 def _command(sub, name: str, func, help: str, example: str, json_output: bool = True, **kwargs) -> argparse.ArgumentParser:
     p = sub.add_parser(name, help=help, description=help, epilog=f"example: {example}", **kwargs)
     p.set_defaults(func=func)
+    # also after the command, where users add it to the line that failed; SUPPRESS keeps a --debug given before
+    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
     if json_output:
         p.add_argument("--json", action="store_true", help="machine-readable output on stdout")
     return p
@@ -549,6 +567,9 @@ def main(argv=None) -> int:
     except Exception as e:
         if args.debug:
             raise
+        if isinstance(e, OSError) and e.filename is not None:  # the system refused a named file (full disk, ...): the user's to fix
+            print(f"zoo: error: {e.filename}: {e.strerror or e}", file=sys.stderr)
+            return 1
         from zoo.safe_pickle import one_line
 
         message = one_line(str(e).strip().partition("\n")[0], 300)  # a TensorFlow error can go on to print whole tensors

@@ -18,7 +18,7 @@ from zoo.progress import bar
 from zoo.registry import get_spec
 from zoo.sources import Imported, WeightSource
 from zoo.spec import ModelSpec
-from zoo.weights import file_digest, save_weights
+from zoo.weights import check_output_location, file_digest, save_weights
 
 
 @dataclass
@@ -86,6 +86,7 @@ def convert(path, source: str | None = None, output=None, spec: str | ModelSpec 
     output = Path(output) if output else default_output(path)
     if output.resolve() == path.resolve():
         raise ZooError("output would overwrite the input", output)
+    check_output_location(output)  # before reading: a folder there was found only after writing 244 MB
     requested = get_spec(spec) if spec else None
     info, reader = pick_source(path, source)
     unknown = sorted(set(options or {}) - {"map"} - set(getattr(reader, "options", {})))

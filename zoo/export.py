@@ -483,12 +483,25 @@ def second_size(part: Part) -> tuple[int, int]:
     return (h + 19, w + 37)
 
 
+MIN_OPSET = 13  # the ops zoo writes (Softmax's axis, BatchNormalization's outputs) as they are from opset 13 on
+
+
+def _check_opset(opset: int) -> None:
+    """Before any work: an opset zoo's nodes are written for, up to the installed onnx's newest."""
+    import onnx
+
+    if not MIN_OPSET <= opset <= onnx.defs.onnx_opset_version():
+        raise ZooError(f"ONNX opset {opset} is not supported: zoo writes opsets {MIN_OPSET} to {onnx.defs.onnx_opset_version()} "
+                       f"(the installed onnx {onnx.__version__}'s newest)")
+
+
 def export(source, formats=DEFAULT_FORMATS, out=None, opset: int = DEFAULT_OPSET, include_top: bool = True,
            pooling: str | None = None, calibration=None) -> list[Path]:
     """Export `source` (run folder or weights file) to each of `formats` under `out`, each checked; with
     include_top=False the headless trunk, `pooling` "avg" or "max" on its map (zoo.features.select). The
     int8 formats calibrate on the images under `calibration` (default: a run's training images)."""
     formats = list(formats)
+    _check_opset(opset)
     unknown = [f for f in formats if f not in FORMATS]
     if unknown or not formats:
         raise ZooError(f"unknown export format(s) {unknown}; choose from {', '.join(FORMATS)}")

@@ -17,6 +17,7 @@ import numpy as np
 from zoo.errors import ZooError
 from zoo.layers import Node
 from zoo.spec import ModelSpec
+from zoo.weights import atomic_write
 
 POOLINGS = ("avg", "max")
 
@@ -92,6 +93,8 @@ def extract(model, images, layer: str | None = None, weights=None, batch_size: i
     from zoo.finetune.caching import features
     from zoo.predict import image_files
 
+    if batch_size < 1:
+        raise ZooError(f"the batch size is 1 or more, not {batch_size}")
     paths = [str(p) for p in image_files(images)]
     if not paths:
         raise ZooError("no images: give image files, or folders holding JPEG or PNG images")
@@ -104,8 +107,21 @@ def extract(model, images, layer: str | None = None, weights=None, batch_size: i
     try:
         out = features(net, samples, net.zoo_part, batch_size, desc=f"features of {net.zoo_part.outputs[0]}")
     except tf.errors.InvalidArgumentError as e:  # a file that is no image stops tf.data: name the problem
-        raise ZooError(f"an image could not be decoded ({e.message.splitlines()[0]})") from None
+        raise ZooError(f"an image could not be decoded ({e.message.splitlines()[-1].strip()})", _undecodable(paths)) from None
     return out, paths
+
+
+def _undecodable(paths: list[str]) -> str | None:
+    """The first image Pillow cannot decode either (tf.data's error names none), or None."""
+    from PIL import Image
+
+    for path in paths:
+        try:
+            with Image.open(path) as im:
+                im.load()
+        except Exception:  # Pillow's decoders raise many kinds, DecompressionBombError (180 megapixels) among them
+            return path
+    return None
 
 
 def outputs(output) -> tuple[Path, Path]:
@@ -118,6 +134,8 @@ def outputs(output) -> tuple[Path, Path]:
 
 def write(output, feats: np.ndarray, paths: list[str]) -> tuple[Path, Path]:
     npy, txt = outputs(output)
-    np.save(npy, feats)
-    txt.write_text("".join(f"{p}\n" for p in paths))
+    with atomic_write(npy) as f:
+        np.save(f, feats)
+    with atomic_write(txt) as f:
+        f.write("".join(f"{p}\n" for p in paths).encode())
     return npy, txt

@@ -11,6 +11,7 @@ import numpy as np
 
 from zoo.data import IMAGE_SUFFIXES
 from zoo.errors import ZooError
+from zoo.safe_pickle import one_line
 
 
 @dataclass
@@ -34,7 +35,10 @@ class OnnxPredictor:
     def __init__(self, path: Path):
         import onnxruntime as ort
 
-        self.session = ort.InferenceSession(str(path), providers=ort.get_available_providers())
+        try:
+            self.session = ort.InferenceSession(str(path), providers=ort.get_available_providers())
+        except Exception as e:  # onnxruntime's own errors for a file that is no model (InvalidProtobuf, Fail)
+            raise ZooError(f"not a readable ONNX model ({one_line(str(e), 200)})", path) from None
         meta = self.session.get_modelmeta().custom_metadata_map
         if "zoo.input" not in meta:
             raise ZooError("an ONNX file without zoo metadata (export it with `zoo export`)", path)
@@ -50,9 +54,11 @@ class SavedModelPredictor:
     def __init__(self, path: Path):
         import tensorflow as tf
 
-        self.fn = tf.saved_model.load(str(path)).signatures["serve_encoded"]
         classes = path / "assets" / ".classes.txt"
+        if not classes.is_file():  # checked before TensorFlow loads: a SavedModel zoo did not write
+            raise ZooError("a SavedModel without zoo's class names (assets/.classes.txt): export it with `zoo export`", path)
         self.classes = classes.read_text().splitlines()
+        self.fn = tf.saved_model.load(str(path)).signatures["serve_encoded"]
 
     def probabilities(self, path: Path) -> np.ndarray:
         import tensorflow as tf
@@ -150,6 +156,8 @@ class KerasPredictor:
 
 def predictor(artifact):
     artifact = Path(artifact)
+    if not artifact.exists():
+        raise ZooError("no such file or folder", artifact)
     if artifact.suffix == ".onnx":
         return OnnxPredictor(artifact)
     if artifact.suffix == ".tflite":
@@ -165,9 +173,17 @@ def predictor(artifact):
 
 
 def predict(artifact, images, top: int = 5) -> list[Prediction]:
+    if top < 1:
+        raise ZooError(f"--top is 1 or more, not {top}")
+    files = image_files(images)
+    if not files:
+        raise ZooError("no images in it: give image files, or folders holding JPEG or PNG images", images[0])
+    missing = [p for p in files if not p.is_file()]
+    if missing:  # before the model is loaded
+        raise ZooError("no such image", missing[0])
     model = predictor(artifact)
     results = []
-    for path in image_files(images):
+    for path in files:
         try:
             probs = model.probabilities(path)
         except Exception as e:  # one bad image is named and skipped, not fatal

@@ -7,11 +7,13 @@ renamed into place.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
 import re
 import secrets
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -100,6 +102,50 @@ def atomic_output(path: Path) -> Path:
     temporary files of writers killed before they could remove them are found and removed here first."""
     remove_stale_temps(path.parent)
     return path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(6)}.tmp")
+
+
+def check_output_location(path, folder: bool = False) -> Path:
+    """Refuse, before any work, an output that cannot be written: `path` (a file, or with `folder` a folder,
+    made if missing) where something else is, or a place where no file can be made. Tried, not judged by
+    permission bits: root passes those, and a read-only or virtual file system (/proc) does not show in them."""
+    path = Path(path)
+    if folder and path.exists() and not path.is_dir():
+        raise ZooError("exists and is not a folder", path)
+    if not folder and path.is_dir():
+        raise ZooError("is a folder: give a file name", path)
+    if not folder and path.exists() and not path.is_file():
+        raise ZooError("exists and is not a regular file", path)
+    parent = path if folder else path.parent
+    while folder and not parent.exists():  # it will be made: where it would be made must take it
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ZooError("output folder does not exist" if not parent.exists() else "is not a folder", parent)
+    probe = atomic_output(parent / "probe")
+    try:
+        probe.touch(exist_ok=False)
+    except OSError as e:
+        raise ZooError(f"cannot write here: {e.strerror or e}", path) from None
+    probe.unlink()
+    return path
+
+
+@contextmanager
+def atomic_write(path):
+    """A binary file to write that becomes `path` only once whole: on any failure nothing is left, and a
+    refusal by the system (a full disk) is a ZooError naming `path`."""
+    path = Path(path)
+    tmp = atomic_output(path)
+    try:
+        with open(tmp, "wb") as f:
+            yield f
+            f.flush()
+            if os.fstat(f.fileno()).st_size != f.tell():  # numpy's tofile loses a failed write (a full disk) without a word
+                raise OSError(errno.ENOSPC, "the file came out short (is the disk full?)")
+        os.replace(tmp, path)
+    except OSError as e:
+        raise ZooError(f"cannot write: {e.strerror or e}", path) from None
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 _TEMP = re.compile(r"\..+\.(\d+)\.[0-9a-f]{12}\.tmp")
@@ -254,19 +300,30 @@ class Weights:
 
     @property
     def classes(self) -> list[str] | None:
-        raw = self.metadata.get("classes")
-        return json.loads(raw) if raw else None
+        return _classes(self.metadata, self.path)
+
+
+def _classes(metadata: dict[str, str], path) -> list[str] | None:
+    """The `classes` metadata: a JSON list of names, or absent."""
+    raw = metadata.get("classes")
+    try:
+        classes = json.loads(raw) if raw else None
+    except ValueError:
+        classes = raw
+    if classes is not None and not (isinstance(classes, list) and all(isinstance(c, str) for c in classes)):
+        raise ZooError(f"its classes metadata is not a JSON list of names: {raw[:60]!r}", path)
+    return classes
 
 
 def read_header(path) -> dict[str, str]:
     """The `__metadata__` of a safetensors file, without reading its tensors."""
     from safetensors import safe_open
 
+    if not Path(path).is_file():  # a folder, a FIFO (open would wait for a writer)
+        raise ZooError("no such file" if not Path(path).exists() else "not a regular file", path)
     try:
         with safe_open(path, framework="numpy") as f:
             return dict(f.metadata() or {})
-    except FileNotFoundError:
-        raise ZooError("no such file", path) from None
     except Exception as e:  # safetensors raises its own SafetensorError for any corrupt header
         raise ZooError(f"not a valid safetensors file ({e})", path) from None
 
@@ -293,6 +350,7 @@ def load_weights(path, spec_for, mapped: bool = False) -> Weights:
     except Exception as e:
         raise ZooError(f"cannot read tensors ({e})", path) from None
     check_tensors(spec, tensors, path, release=lambda chunk: release_pages(mapping, chunk))
+    _classes(metadata, path)  # checked here: verify must not pass what export then fails on
     return Weights(path, spec, tensors, metadata, mapping)
 
 
