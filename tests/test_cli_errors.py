@@ -74,7 +74,6 @@ def disk_full_at(nbytes: int):
         signal.signal(signal.SIGXFSZ, old_handler)
 
 
-FINETUNE_FILES = "finetune code (zoo/finetune, zoo/data.py) is another helper's to fix"
 
 # (command line with {t} for the test's folder, the path the message must name, or None for a name that is
 # no path); `full`: run with the disk full past 256 bytes
@@ -136,12 +135,9 @@ MISTAKES = [
     ("weights show", "NAME"),
     pytest.param("finetune tiny@test --weights random --data {t}/missing", "{t}/missing", id="finetune-missing-data"),
     pytest.param("finetune tiny@test --weights random --seed -1 --out {t}/run", "--seed", id="finetune-seed"),
-    pytest.param("finetune tiny@test --weights random --out {t}/file.txt", "{t}/file.txt", id="finetune-out-file",
-                 marks=pytest.mark.xfail(strict=True, reason="finetune prints its notes (example data, random start) before it "
-                                         "checks --out: " + FINETUNE_FILES)),
+    pytest.param("finetune tiny@test --weights random --out {t}/file.txt", "{t}/file.txt", id="finetune-out-file"),
     pytest.param("finetune tiny@test --weights random --train-list {t}/latin1.txt --val-list {t}/latin1.txt --out {t}/run", "{t}/latin1.txt",
-                 id="finetune-latin1-list", marks=pytest.mark.xfail(strict=True, reason="zoo.data.from_list reads it as UTF-8 "
-                                                                     "and lets the UnicodeDecodeError through: " + FINETUNE_FILES)),
+                 id="finetune-latin1-list"),
     pytest.param("finetune tiny@test --weights random --train-list {t}/bom.txt --val-list {t}/bom.txt --out {t}/run", "{t}/bom.txt",
                  id="finetune-bom-list"),
 ]

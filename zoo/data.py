@@ -67,11 +67,18 @@ def name_bad(bad: list[tuple], most: int = 3) -> str:
     return named + (f"; and {len(bad) - most} more" if len(bad) > most else "")
 
 
-def read_classes_file(path) -> list[str]:
+def text_lines(path, what: str) -> list[str]:
+    """A list file's lines: UTF-8, with or without the byte-order mark Windows editors write."""
     try:
-        names = [line.strip() for line in Path(path).read_text().splitlines() if line.strip()]
+        return Path(path).read_bytes().decode("utf-8-sig").splitlines()
     except OSError as e:
-        raise ZooError(f"cannot read classes file: {e.strerror}", path) from None
+        raise ZooError(f"cannot read {what}: {e.strerror}", path) from None
+    except UnicodeDecodeError as e:
+        raise ZooError(f"{what} is not UTF-8 text (byte {e.start}: {e.object[e.start:e.start + 1]!r}): save it as UTF-8", path) from None
+
+
+def read_classes_file(path) -> list[str]:
+    names = [line.strip() for line in text_lines(path, "classes file") if line.strip()]
     if len(set(names)) != len(names):
         raise ZooError("class names repeat", path)
     return names
@@ -133,10 +140,7 @@ def from_list(list_file, classes: list[str] | None = None, skip_bad=None) -> Sam
     """The seed's format: one `path label` per line; relative paths are relative to the list file.
     `skip_bad`: check_images'."""
     list_file = Path(list_file)
-    try:
-        lines = list_file.read_text().splitlines()
-    except OSError as e:
-        raise ZooError(f"cannot read list file: {e.strerror}", list_file) from None
+    lines = text_lines(list_file, "list file")
     paths, labels, wheres = [], [], []
     for n, line in enumerate(lines, 1):
         if not line.strip() or line.lstrip().startswith("#"):

@@ -52,6 +52,8 @@ def make_plan(cfg: FinetuneConfig) -> Plan:
     from zoo import store
     from zoo.registry import load_weights, resolve_spec
 
+    run = Path(cfg.out)
+    state = resume_state(cfg, run)  # a wrong --out is refused before anything is said or read
     path = store.resolve(cfg.weights, cfg.model)
     if path is not None and str(path) != cfg.weights:
         say(f"starting from the stored weights {path}")
@@ -71,8 +73,6 @@ def make_plan(cfg: FinetuneConfig) -> Plan:
     if weights is None:
         say(f"starting {spec.id} from RANDOM initialisation (weights random), not pretrained weights; "
             f"`zoo fetch {base_spec.id}` stores the published ones")
-    run = Path(cfg.out)
-    state = resume_state(cfg, run)
     base = _base_weights(weights)
     started = state.get("base_weights", base)  # runs before this check recorded none
     if cfg.resume and started != base:
