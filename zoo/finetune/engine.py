@@ -38,6 +38,7 @@ def finetune(config: FinetuneConfig | None = None, **overrides) -> FinetuneResul
 def _start(plan: Plan, strat) -> FinetuneResult:
     import keras
 
+    from zoo.finetune import distributed
     from zoo.finetune.checkpoints import atomic_write_text
 
     keras.utils.set_random_seed(plan.cfg.seed)
@@ -58,7 +59,7 @@ def _start(plan: Plan, strat) -> FinetuneResult:
         say(f"fine-tuning {plan.spec.id} -> {plan.spec.num_classes} classes ({', '.join(plan.train.classes)}); training "
             f"{', '.join(plan.trained)}; {len(plan.train)} train / {len(plan.val)} val images; "
             f"{'cached features' if plan.cache else 'full forward'}; {plan.cfg.precision}; run folder {plan.run}")
-        return fit(plan, full, base, model)
+        return fit(plan, full, base, model, distributed.worker_index(strat))
 
 
 @contextmanager
@@ -105,12 +106,12 @@ def steps_per_epoch(plan: Plan) -> int:
     return -(-len(plan.train) // plan.cfg.batch_size)
 
 
-def fit(plan: Plan, full, base, model) -> FinetuneResult:
+def fit(plan: Plan, full, base, model, worker: int = 0) -> FinetuneResult:
     import numpy as np
 
     from zoo.finetune import callbacks
     from zoo.finetune.caching import cached_datasets
-    from zoo.finetune.distributed import shard
+    from zoo.finetune.distributed import shard, step_error
 
     cfg, frozen_seconds = plan.cfg, 0.0
     if plan.cache:
@@ -124,9 +125,16 @@ def fit(plan: Plan, full, base, model) -> FinetuneResult:
         probe = _probe(plan, full, model)
     probe = probe if cfg.strategy == "none" else None  # distributed: per-replica gradients on a host batch do not apply
     train_ds, val_ds = shard(train_ds), shard(val_ds)
-    hist = model.fit(train_ds, validation_data=val_ds, epochs=cfg.epochs, initial_epoch=plan.first_epoch,
-                     steps_per_epoch=steps_per_epoch(plan), verbose=0, shuffle=False,  # the datasets order themselves
-                     callbacks=callbacks.build_callbacks(plan, full, probe))
+    run_callbacks = callbacks.build_callbacks(plan, full, probe)
+    position = next(c for c in run_callbacks if isinstance(c, callbacks.Position))
+    try:
+        hist = model.fit(train_ds, validation_data=val_ds, epochs=cfg.epochs, initial_epoch=plan.first_epoch,
+                         steps_per_epoch=steps_per_epoch(plan), verbose=0, shuffle=False,  # the datasets order themselves
+                         callbacks=run_callbacks)
+    except (ZooError, KeyboardInterrupt):
+        raise
+    except Exception as e:  # a failed step: one line saying where, never the values (a PerReplica holds whole batches)
+        raise step_error(e, plan.spec.layer_names, worker, position.epoch, position.step) from None
     history = [{k: float(v[i]) for k, v in hist.history.items()} for i in range(len(hist.epoch))]
     result = _results(plan, full, history)
     rates = [h.get("images_per_second", 0) for h in history]
