@@ -201,3 +201,15 @@ def fuzz_convert(folder, valid: bytes, suffix: str, source: str, n: int, seed: i
 def scale_error(got, want) -> float:
     """Largest absolute difference relative to the reference's largest magnitude."""
     return float(np.abs(got - want).max() / np.abs(want).max())
+
+
+@pytest.fixture(scope="session")
+def narrow_run(tmp_path_factory, example_data):
+    """A narrow model fine-tuned on the example images (run folder), made once for the export tests."""
+    from zoo.finetune import finetune
+    from zoo.plugins import get_plugins
+
+    get_plugins().register(NarrowSpecPlugin(), name="narrow-specs")
+    out = tmp_path_factory.mktemp("run") / "run"
+    finetune(model="narrow", data=str(example_data), epochs=2, batch_size=32, lr=0.003, optimizer="adam", out=str(out))
+    return out

@@ -12,20 +12,6 @@ from zoo import ZooError
 from zoo.export import check_batch, export
 
 
-@pytest.fixture(scope="module")
-def narrow_run(tmp_path_factory, example_data):
-    """A fine-tuned narrow model (run folder), made once for this module."""
-    from conftest import NarrowSpecPlugin
-
-    from zoo.finetune import finetune
-    from zoo.plugins import get_plugins
-
-    get_plugins().register(NarrowSpecPlugin(), name="narrow-specs")
-    out = tmp_path_factory.mktemp("run") / "run"
-    finetune(model="narrow", data=str(example_data), epochs=2, batch_size=32, lr=0.003, optimizer="adam", out=str(out))
-    return out
-
-
 @pytest.fixture(autouse=True)
 def _narrow_registered(narrow_spec):
     yield
