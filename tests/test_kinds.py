@@ -331,3 +331,19 @@ def test_foreign_params_import_to_canonical(convention, affine):
             np.testing.assert_allclose(value, canonical[name], rtol=1e-6, err_msg=name)
         else:
             np.testing.assert_array_equal(value, canonical[name], err_msg=name)
+
+
+def test_every_kind_names_the_keras_classes_of_its_own_that_saved_models_need():
+    """A .keras export loads only with zoo's own layer classes registered (zoo.export.keras_layers asks each
+    kind): every layer a kind builds is Keras' own or one its kind lists."""
+    from zoo.layers import KINDS
+    from zoo.registry import all_specs
+
+    seen = set()
+    for spec in all_specs().values():
+        for node in spec.nodes:
+            if node.kind in seen:
+                continue
+            seen.add(node.kind)
+            layer = KINDS[node.kind].keras(node)
+            assert type(layer).__module__.startswith("keras") or type(layer) in KINDS[node.kind].keras_classes(), node.kind

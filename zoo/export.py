@@ -327,12 +327,7 @@ def keras_layers() -> dict:
     file with zoo's layers loads only in a process that ran zoo's layer code, and no Keras built-in does LRN."""
     import keras
 
-    classes = {}
-    for module in {sys.modules[type(kind).__module__] for kind in KINDS.values()}:
-        if hasattr(module, "_keras_class"):
-            cls = module._keras_class()
-            classes[keras.saving.get_registered_name(cls)] = cls
-    return classes
+    return {keras.saving.get_registered_name(cls): cls for kind in KINDS.values() for cls in kind.keras_classes()}
 
 
 def export_keras(src: Source, out: Path, model, reference: np.ndarray) -> Path:

@@ -130,6 +130,11 @@ class Kind:
         """The one Keras layer computing `node`, named `node.name`, taking NHWC input(s)."""
         raise NotImplementedError(f"kind {self.name!r} has no Keras form")
 
+    def keras_classes(self) -> list[type]:
+        """zoo's own Keras layer classes among those `keras` builds (Keras' own need nothing): what a saved
+        .keras model needs registered to load."""
+        return []
+
     def onnx(self, node: Node, g, x: list[str]) -> str:
         """Add `node`'s ONNX nodes to `g` (zoo.backends.onnx.GraphBuilder) on NCHW inputs `x`; return its output."""
         raise NotImplementedError(f"kind {self.name!r} has no ONNX form")

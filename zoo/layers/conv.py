@@ -43,6 +43,9 @@ class Conv(Kind):
         h, w, _ = node.output_shape
         return h * w * math.prod(node.params["kernel"].shape)  # each output position: one kernel's worth per filter
 
+    def keras_classes(self):
+        return [_keras_class()]
+
     def keras(self, node: Node):
         cfg = node.config
         (kh, kw), stride, pads, _, _ = geometry(cfg, "kernel", node.input_shapes[0][:2])

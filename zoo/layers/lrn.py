@@ -21,6 +21,9 @@ class LRN(Kind):
         if cfg["size"] % 2 == 0:
             raise ValueError("size must be odd")
 
+    def keras_classes(self):
+        return [_keras_class()]
+
     def keras(self, node):
         c = node.config
         return _keras_class()(c["size"], c["alpha"], c["beta"], c["k"], name=node.name)

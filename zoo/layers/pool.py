@@ -32,6 +32,9 @@ class Pool(Kind):
         *_, out, _ = geometry(cfg, "size", (h, w))
         return (*out, c)
 
+    def keras_classes(self):
+        return [_keras_class()]
+
     def keras(self, node):
         window, stride, pads, _, extra = geometry(node.config, "size", node.input_shapes[0][:2])
         count_pad = node.config["pad"] != "same"

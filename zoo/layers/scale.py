@@ -23,6 +23,9 @@ class Scale(Kind):
         c = (shapes[0][-1],)
         return {"gamma": (c, "C")} | ({"beta": (c, "C")} if cfg["bias"] else {})
 
+    def keras_classes(self):
+        return [_keras_class()]
+
     def keras(self, node):
         return _keras_class()(node.config["bias"], name=node.name)
 
