@@ -26,11 +26,13 @@ from zoo.weights import save_weights
 
 
 def png_header(width: int, height: int) -> bytes:
-    """A PNG that declares width x height pixels and holds no more than its header (Pillow checks the size first)."""
+    """A PNG that declares width x height pixels and holds the start of its image data only (what a bomb's
+    header looks like: the size is all that is read before refusing it)."""
     def chunk(kind, data):
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)) + chunk(b"IEND", b"")
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(bytes(100))) + chunk(b"IEND", b""))
 
 
 @pytest.fixture
@@ -111,14 +113,14 @@ MISTAKES = [
     ("predict {t}/folder {t}/img.png", "{t}/folder"),
     ("predict {t}/w.safetensors {t}/missing.png", "{t}/missing.png"),
     ("predict {t}/w.safetensors {t}/empty", "{t}/empty"),
-    ("predict {t}/w.safetensors {t}/huge.png", "{t}/huge.png"),
+    ("predict {t}/w.safetensors {t}/huge.png", "huge.png: ValueError: over the 89,478,485-pixel limit"),
     ("predict {t}/w.safetensors {t}/img.png --top 0", "--top is 1 or more"),
     ("predict {t}/badclasses.safetensors {t}/img.png", "{t}/badclasses.safetensors"),
     ("features tiny@test {t}/img.png -o {t}/folder", "{t}/folder"),
     ("features tiny@test {t}/img.png -o {t}/nowhere/f.npy", "{t}/nowhere"),
     ("features tiny@test {t}/missing.png -o {t}/f.npy", "{t}/missing.png"),
     ("features tiny@test {t}/img.png -o {t}/f.npy --weights {t}/missing.safetensors", "{t}/missing.safetensors"),
-    ("features tiny@test {t}/huge.png -o {t}/f.npy", "{t}/huge.png"),
+    ("features tiny@test {t}/huge.png -o {t}/f.npy", "{t}/huge.png: over the 89,478,485-pixel limit"),
     ("features tiny@test {t}/img.png -o {t}/f.npy --batch-size 0", "batch size is 1 or more, not 0"),
     ("bench {t}/missing.onnx", "{t}/missing.onnx"),
     ("bench {t}/w.safetensors --batch 0", "batch sizes are 1 or more"),

@@ -77,3 +77,33 @@ def test_16_bit_pngs_give_both_paths_the_same_pixels(tmp_path, spec):
     rgb.write_bytes(tf.io.encode_png(tf.constant(rng.integers(0, 65536, (resize, resize + 11, 3), dtype=np.uint16))).numpy())
     for path in (gray, rgb):
         np.testing.assert_allclose(np_eval_image(path, spec.input), tf_eval_image(path.read_bytes(), spec).numpy(), rtol=0, atol=1e-5)
+
+
+def test_an_image_whose_header_declares_too_many_pixels_is_refused_before_decoding(tmp_path):
+    """Pillow's decompression-bomb limit, checked on the header by every path that decodes (training's check,
+    predict, features): a few bytes declaring 180 megapixels never reach a decoder."""
+    import struct
+    import zlib
+
+    from zoo.data import check_images
+    from zoo.errors import ZooError
+    from zoo.preprocess import oversized
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    path = tmp_path / "bomb.png"  # the start of a bomb: the header and a little image data
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 18000, 10000, 8, 2, 0, 0, 0))
+                     + chunk(b"IDAT", zlib.compress(bytes(100))) + chunk(b"IEND", b""))
+    assert "over the 89,478,485-pixel limit" in oversized(path)  # 180 megapixels: Pillow's own refusal, by the header
+    with pytest.raises(ZooError, match="pixel limit"):
+        check_images([str(path)], ["bomb"])
+    small = _image(tmp_path / "ok.png", (40, 30))
+    assert oversized(small) is None
+    big = tmp_path / "big.png"  # over the limit but under Pillow's own refusal at twice it: zoo's check
+    Image.new("L", (10, 10)).save(big)
+    import PIL.Image
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(PIL.Image, "MAX_IMAGE_PIXELS", 50)
+        assert oversized(big).startswith("10x10 pixels, over the 50-pixel limit")

@@ -31,7 +31,11 @@ def _image_problem(path: str) -> str | None:
     tf.io.decode_image on all but one PNG whose damage was in the trailing IEND chunk)."""
     from PIL import Image, UnidentifiedImageError
 
+    from zoo.preprocess import oversized
+
     try:
+        if problem := oversized(path):
+            return problem
         with Image.open(path) as im:
             if im.format not in ("JPEG", "PNG"):
                 return f"{im.format} image; JPEG and PNG are supported"

@@ -16,6 +16,7 @@ import numpy as np
 
 from zoo.errors import ZooError
 from zoo.layers import Node
+from zoo.preprocess import oversized
 from zoo.spec import ModelSpec
 from zoo.weights import atomic_write
 
@@ -101,6 +102,9 @@ def extract(model, images, layer: str | None = None, weights=None, batch_size: i
     missing = [p for p in paths if not Path(p).is_file()]
     if missing:
         raise ZooError("no such image", missing[0])
+    for path in paths:  # headers only, before any decoder unpacks a bomb
+        if problem := oversized(path):
+            raise ZooError(problem, path)
     choice = {"outputs": [layer]} if layer else {"include_top": False}
     net = create_model(model, weights=weights, pooling=pooling, input_size=input_size, **choice)
     samples = Samples(paths, np.zeros(len(paths), np.int32), [])

@@ -11,6 +11,7 @@ import numpy as np
 
 from zoo.data import IMAGE_SUFFIXES
 from zoo.errors import ZooError
+from zoo.preprocess import oversized
 from zoo.safe_pickle import one_line
 
 
@@ -185,6 +186,8 @@ def predict(artifact, images, top: int = 5) -> list[Prediction]:
     results = []
     for path in files:
         try:
+            if problem := oversized(path):  # before any decoder unpacks it
+                raise ValueError(problem)
             probs = model.probabilities(path)
         except Exception as e:  # one bad image is named and skipped, not fatal
             results.append(Prediction(str(path), error=f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:200]))

@@ -94,6 +94,25 @@ def np_eval_image(path, input_cfg: dict) -> np.ndarray:
         return np_normalize(np.asarray(im.crop((left, top, left + w, top + h)), np.float32), input_cfg)
 
 
+def oversized(path) -> str | None:
+    """Why an image is too large to decode, from its header alone, or None. The bound is Pillow's
+    decompression-bomb limit, PIL.Image.MAX_IMAGE_PIXELS (89,478,485 pixels unless raised): a few-kB PNG can
+    declare 180 megapixels, which TensorFlow's decoder would unpack to 540 MB without asking."""
+    from PIL import Image
+
+    limit = f"over the {Image.MAX_IMAGE_PIXELS or 0:,}-pixel limit (PIL.Image.MAX_IMAGE_PIXELS)"
+    try:
+        with Image.open(path) as im:  # reads the header only
+            width, height = im.size
+    except Image.DecompressionBombError as e:  # Pillow refuses twice its limit on its own
+        return f"{limit}: {e}"
+    except Exception:  # not an image Pillow knows: the decoder says why, later
+        return None
+    if Image.MAX_IMAGE_PIXELS and width * height > Image.MAX_IMAGE_PIXELS:
+        return f"{width}x{height} pixels, {limit}: decoded it would take {width * height * 3 / 2**20:,.0f} MB"
+    return None
+
+
 def _rgb8(im):
     """Pillow's image as 8-bit RGB the way TensorFlow's decoder makes it: 16-bit grayscale (Pillow's "I;16"
     and "I" modes, which its own convert clips at 255) keeps its high byte, as tf.io.decode_image does."""
