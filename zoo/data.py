@@ -24,7 +24,7 @@ class Samples:
         return len(self.paths)
 
 
-def _image_problem(path: str) -> str | None:
+def image_problem(path: str) -> str | None:
     """Why the image at `path` cannot be trained on, or None. Decoded fully: a header read passes truncated and
     bit-flipped files, which then stop tf.data mid-epoch. verify() first checks PNG chunk checksums, which
     load() skips and TensorFlow's decoder does not (on 900 mutated JPEGs and PNGs this agreed with
@@ -56,7 +56,7 @@ def check_images(paths: list[str], wheres: list[str], skip_bad=None) -> list[boo
     from concurrent.futures import ThreadPoolExecutor
 
     with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:
-        problems = list(pool.map(_image_problem, paths))
+        problems = list(pool.map(image_problem, paths))
     bad = [(w, p, e) for w, p, e in zip(wheres, paths, problems) if e]
     if bad and skip_bad is None:
         raise ZooError(f"{len(bad)} image(s) cannot be decoded (--skip-bad-images drops them): {name_bad(bad)}")

@@ -31,7 +31,7 @@ from zoo.layers import KINDS
 from zoo.progress import bar
 from zoo.registry import load_weights
 from zoo.spec import ModelSpec
-from zoo.weights import Weights, file_digest
+from zoo.weights import Weights, atomic_write, file_digest
 
 FORMATS = ("savedmodel", "onnx", "keras", "tflite", "tflite-int8", "onnx-int8")
 DEFAULT_FORMATS = ("savedmodel", "onnx")
@@ -124,11 +124,8 @@ def save_reference(weights_file: Path, model, spec: ModelSpec) -> None:
     if any(layer.compute_dtype != "float32" for layer in model.layers):
         return
     batch = check_batch(spec)
-    path = weights_file.parent / REFERENCE
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:  # a file object: np.savez would add .npz to the name
+    with atomic_write(weights_file.parent / REFERENCE) as f:  # a file object: np.savez would add .npz to the name
         np.savez(f, logits=model.predict(batch, verbose=0), weights_sha256=file_digest(weights_file), batch_sha256=_digest(batch))
-    os.replace(tmp, path)
 
 
 def stored_reference(source: Path, src: Source) -> np.ndarray | None:

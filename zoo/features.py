@@ -90,7 +90,7 @@ def extract(model, images, layer: str | None = None, weights=None, batch_size: i
     import tensorflow as tf
 
     from zoo.backends.keras import create_model
-    from zoo.data import Samples
+    from zoo.data import Samples, image_problem
     from zoo.finetune.caching import features
     from zoo.predict import image_files
 
@@ -111,21 +111,9 @@ def extract(model, images, layer: str | None = None, weights=None, batch_size: i
     try:
         out = features(net, samples, net.zoo_part, batch_size, desc=f"features of {net.zoo_part.outputs[0]}")
     except tf.errors.InvalidArgumentError as e:  # a file that is no image stops tf.data: name the problem
-        raise ZooError(f"an image could not be decoded ({e.message.splitlines()[-1].strip()})", _undecodable(paths)) from None
+        bad = next((p for p in paths if image_problem(p)), None)  # tf.data's error names no file: find it
+        raise ZooError(f"an image could not be decoded ({e.message.splitlines()[-1].strip()})", bad) from None
     return out, paths
-
-
-def _undecodable(paths: list[str]) -> str | None:
-    """The first image Pillow cannot decode either (tf.data's error names none), or None."""
-    from PIL import Image
-
-    for path in paths:
-        try:
-            with Image.open(path) as im:
-                im.load()
-        except Exception:  # Pillow's decoders raise many kinds, DecompressionBombError (180 megapixels) among them
-            return path
-    return None
 
 
 def outputs(output) -> tuple[Path, Path]:

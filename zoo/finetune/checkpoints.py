@@ -8,6 +8,7 @@ import os
 from pathlib import Path
 
 from zoo.errors import ZooError
+from zoo.weights import atomic_write
 
 LOCK = ".lock"
 
@@ -35,9 +36,8 @@ def lock_run(run: Path):
 
 
 def atomic_write_text(path: Path, text: str):
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    with atomic_write(path) as f:
+        f.write(text.encode())
 
 
 def read_state(folder: Path) -> dict:
