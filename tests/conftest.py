@@ -1,3 +1,4 @@
+import shutil
 import sys
 from pathlib import Path
 
@@ -35,6 +36,21 @@ def cli(capsys):
         return code, out, err
 
     return run
+
+
+@pytest.fixture(scope="module")
+def module_folder(tmp_path_factory):
+    """mktemp for module-scoped fixtures; what it made is removed when the module ends, as pytest's
+    retention policy does for tmp_path: full-size weights left for the session filled CI's disk."""
+    made = []
+
+    def make(name: str) -> Path:
+        made.append(tmp_path_factory.mktemp(name))
+        return made[-1]
+
+    yield make
+    for folder in made:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

@@ -25,9 +25,9 @@ def test_plugin_is_installed_and_loaded_through_its_entry_point(cli):
 
 
 @pytest.fixture(scope="module")
-def reference_net(tmp_path_factory):
+def reference_net(module_folder):
     """The Caffe reference AlexNet's seeded weights as .caffemodel files, current and V1 layout."""
-    folder = tmp_path_factory.mktemp("caffemodel")
+    folder = module_folder("caffemodel")
     weights = caffe_weights()
     write_caffemodel(folder / "alexnet.caffemodel", weights, GROUPS)
     write_caffemodel(folder / "alexnet_v1.caffemodel", weights, GROUPS, v1=True)

@@ -21,14 +21,14 @@ def _narrow_registered(narrow_spec):
 
 
 @pytest.fixture(scope="module")
-def exported(narrow_run, tmp_path_factory):
+def exported(narrow_run, module_folder):
     """All formats, once; int8 calibrated on the run's training images (its config's default)."""
     from conftest import NarrowSpecPlugin
 
     from zoo.plugins import get_plugins
 
     get_plugins().register(NarrowSpecPlugin(), name="narrow-specs")
-    out = tmp_path_factory.mktemp("exp")
+    out = module_folder("exp")
     written = export(narrow_run, formats=FORMATS, out=out)
     assert sorted(p.name for p in written) == sorted([*FLOAT.values(), *INT8.values()])
     return out

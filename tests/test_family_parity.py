@@ -221,7 +221,7 @@ def caffe_tensorflow_blobs(caffemodel, prototxt, shapes: dict) -> dict:
 
 
 @pytest.fixture(scope="module")
-def caffe_converted(tmp_path_factory):
+def caffe_converted(module_folder):
     """(net, path) -> the converted weights, each converted once: path "caffemodel" (zoo-caffemodel plugin)
     or "npy" (caffe-tensorflow's layout, zoo's `caffe` source)."""
     done = {}
@@ -229,7 +229,7 @@ def caffe_converted(tmp_path_factory):
     def get(name, path):
         if (name, path) not in done:
             register_narrow_specs()
-            folder = tmp_path_factory.mktemp(f"caffe-{name}-{path}")
+            folder = module_folder(f"caffe-{name}-{path}")
             spec = f"{name}-narrow@test"
             if path.startswith("caffemodel"):  # caffemodel-v1: the same blobs as old Caffe wrote them (tests/references/caffe_v1.py)
                 file = f"{name}_narrow{path.removeprefix('caffemodel').replace('-', '_')}.caffemodel"
@@ -265,7 +265,7 @@ def test_caffe_narrow_parity(name, path, runtime, caffe_converted, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def torch_converted(tmp_path_factory):
+def torch_converted(module_folder):
     """name -> (spec id zoo found, converted weights); the .pth is written by torch.save and removed after."""
     import torch
 
@@ -273,7 +273,7 @@ def torch_converted(tmp_path_factory):
 
     def get(name):
         if name not in done:
-            folder = tmp_path_factory.mktemp(f"torch-{name}")
+            folder = module_folder(f"torch-{name}")
             pth = folder / f"{name}.pth"
             state = torchvision_state(name)
             torch.save(OrderedDict((k, torch.from_numpy(v)) for k, v in state.items()), pth)

@@ -66,12 +66,12 @@ def torch_state_dict(spec: ModelSpec, seed: int) -> dict:
 
 
 @pytest.fixture(scope="module")
-def made(tmp_path_factory):
+def made(module_folder):
     """{file name: bytes}: a torch hub-style .pth (its sha256 prefix in its name), another .pth (the wrong file)
     and a caffe-tensorflow .npy."""
     import torch
 
-    folder, spec = tmp_path_factory.mktemp("made"), ModelSpec.from_dict(SPEC)
+    folder, spec = module_folder("made"), ModelSpec.from_dict(SPEC)
     torch.save(torch_state_dict(spec, 0), folder / "a.pth")
     torch.save(torch_state_dict(spec, 1), folder / "other.pth")
     rng = np.random.default_rng(0)

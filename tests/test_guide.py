@@ -18,7 +18,7 @@ def snippets() -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def guide_folder(tmp_path_factory, seeded_npy, seeded_safetensors):
+def guide_folder(module_folder, seeded_npy, seeded_safetensors):
     """A folder holding what the snippets name: bvlc_alexnet.safetensors, and a store (ZOO_HOME) with
     alexnet@bvlc/bvlc_alexnet, resnet50@torchvision and resnet50@keras, each from a file its framework wrote."""
     import keras
@@ -27,7 +27,7 @@ def guide_folder(tmp_path_factory, seeded_npy, seeded_safetensors):
 
     from zoo import store
 
-    folder = tmp_path_factory.mktemp("guide")
+    folder = module_folder("guide")
     (folder / "bvlc_alexnet.safetensors").symlink_to(seeded_safetensors)
     old = os.environ.get("ZOO_HOME")
     os.environ["ZOO_HOME"] = str(folder / "store")

@@ -147,8 +147,8 @@ class ResNet:
 
 
 @pytest.fixture(scope="module")
-def resnet(tmp_path_factory):
-    return ResNet(tmp_path_factory.mktemp("resnet50"))
+def resnet(module_folder):
+    return ResNet(module_folder("resnet50"))
 
 
 @pytest.fixture(scope="module")

@@ -179,13 +179,13 @@ def build_case(name: str, folder: Path) -> Case:
 
 
 @pytest.fixture(scope="module")
-def resnet50(tmp_path_factory):
-    return build_case("resnet50", tmp_path_factory.mktemp("resnet50"))
+def resnet50(module_folder):
+    return build_case("resnet50", module_folder("resnet50"))
 
 
 @pytest.fixture(scope="module")
-def vgg16(tmp_path_factory):
-    return build_case("vgg16", tmp_path_factory.mktemp("vgg16"))
+def vgg16(module_folder):
+    return build_case("vgg16", module_folder("vgg16"))
 
 
 def assert_parity(got: np.ndarray, want: np.ndarray, what: str) -> float:

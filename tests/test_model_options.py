@@ -73,13 +73,13 @@ def build_reference(name: str, folder: Path) -> Reference:
 
 
 @pytest.fixture(scope="module")
-def resnet50(tmp_path_factory):
-    return build_reference("resnet50", tmp_path_factory.mktemp("resnet50"))
+def resnet50(module_folder):
+    return build_reference("resnet50", module_folder("resnet50"))
 
 
 @pytest.fixture(scope="module")
-def vgg16(tmp_path_factory):
-    return build_reference("vgg16", tmp_path_factory.mktemp("vgg16"))
+def vgg16(module_folder):
+    return build_reference("vgg16", module_folder("vgg16"))
 
 
 def assert_close(got, want, what: str) -> float:

@@ -45,10 +45,10 @@ LIMIT = 120  # seconds a launched job may take before every worker is killed
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory):
+def data(module_folder):
     from zoo.example import make_example
 
-    return make_example(tmp_path_factory.mktemp("mw"), per_class=10, size=40)
+    return make_example(module_folder("mw"), per_class=10, size=40)
 
 
 def cli_args(settings: dict) -> list[str]:

@@ -18,12 +18,12 @@ IMAGES = {"curves.png": (800, 300), "confusion.png": (300, 300), "wrong.png": (3
 
 
 @pytest.fixture(scope="module")
-def finished(tmp_path_factory, example_data):
+def finished(module_folder, example_data):
     """(run folder, `zoo finetune --json`'s output): narrow@test from random init, conv2 to fc8 trained for 2 epochs."""
     from zoo.plugins import get_plugins
 
     get_plugins().register(NarrowSpecPlugin(), name="narrow-specs")
-    run = tmp_path_factory.mktemp("report") / "run"
+    run = module_folder("report") / "run"
     stdout = io.StringIO()
     with contextlib.redirect_stdout(stdout):
         code = main(["finetune", "narrow", "--weights", "random", "--data", str(example_data), "--epochs", "2", "--batch-size", "32", "--optimizer", "adam",
