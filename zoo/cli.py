@@ -113,7 +113,7 @@ def cmd_info(args):
 
 
 def cmd_convert(args):
-    from zoo.conversion import convert
+    from zoo.forked import run_forked
 
     source, path = args.args if len(args.args) == 2 else (None, args.args[0])
     options = dict(args.source_options)
@@ -123,23 +123,34 @@ def cmd_convert(args):
         except (OSError, ValueError) as e:
             raise ZooError(f"cannot read the layer mapping ({e})", args.map) from None
     kwargs = {"source": source, "spec": args.spec, "options": options, "sha256": args.sha256 or None}
+    if args.store and args.output:
+        raise ZooError("give -o or --store, not both")
     if args.store:
         from zoo import store
 
-        if args.output:
-            raise ZooError("give -o or --store, not both")
-        result, entry = store.add(path, **kwargs)
-        result.notes.append(f"stored as {entry.name}")
+        result = run_forked(lambda: _stored(path, kwargs), path, store.incoming())
     else:
-        result = convert(path, output=args.output, **kwargs)
+        from zoo.conversion import convert, default_output
+
+        output = Path(args.output) if args.output else default_output(Path(path))
+        result = run_forked(lambda: convert(path, output=output, **kwargs).to_dict(), path, output.parent)
     if args.json:
-        _print_json(result.to_dict())
+        _print_json(result)
         return 0
-    for note in result.notes:
+    for note in result["notes"]:
         print(f"note: {note}")
-    print(f"wrote {result.output}: {result.spec} (fingerprint {result.fingerprint}), {result.num_params:,} parameters, "
-          f"verified; source {result.source}" + (f" sha256 {result.source_sha256[:16]}..." if result.source_sha256 else ""))
+    sha256 = result["source_sha256"]
+    print(f"wrote {result['output']}: {result['spec']} (fingerprint {result['fingerprint']}), {result['num_params']:,} "
+          f"parameters, verified; source {result['source']}" + (f" sha256 {sha256[:16]}..." if sha256 else ""))
     return 0
+
+
+def _stored(path, kwargs) -> dict:
+    from zoo import store
+
+    result, entry = store.add(path, **kwargs)
+    result.notes.append(f"stored as {entry.name}")
+    return result.to_dict()
 
 
 def cmd_verify(args):

@@ -118,13 +118,17 @@ def resolve(weights, model) -> object:
     return one(name).path if "/" in name else preferred(spec).path
 
 
+def incoming() -> Path:
+    """Where conversions into the store are written: the entry's place is known once they found the spec."""
+    return home() / "weights" / ".incoming"
+
+
 def add(source_path, **convert_options) -> tuple[object, Entry]:
     """Convert a foreign file (zoo.conversion.convert's options) into the store: (ConvertResult, Entry)."""
     from zoo.conversion import convert
 
-    incoming = home() / "weights" / ".incoming"  # the entry's place is known once the conversion found the spec
-    incoming.mkdir(parents=True, exist_ok=True)
-    temp = atomic_output(incoming / Path(source_path).name).with_suffix(".safetensors")
+    incoming().mkdir(parents=True, exist_ok=True)
+    temp = atomic_output(incoming() / Path(source_path).name).with_suffix(".safetensors")
     try:
         result = convert(source_path, output=temp, **convert_options)
         metadata = read_header(temp)
