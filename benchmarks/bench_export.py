@@ -31,7 +31,7 @@ JOBS = {
         "export(sys.argv[1], formats=['onnx'], out=sys.argv[2])\nseconds = time.perf_counter() - t\n" + PEAK),
     "the ONNX step alone (stream-write + onnx.checker + ONNX Runtime session and run; no TensorFlow)": (
         "import json, sys, time\nt = time.perf_counter()\n"
-        "import onnx, onnxruntime as ort\nfrom zoo.export import check_batch, onnx_graph, open_source, write_onnx\n"
+        "import onnx, onnxruntime as ort\nfrom zoo.backends.onnx import onnx_graph, write_onnx\nfrom zoo.export import check_batch, open_source\n"
         "src = open_source(sys.argv[1])\nmodel, inits = onnx_graph(src.spec, src.weights.tensors, src.classes)\n"
         "write_onnx(sys.argv[2] + '/m.onnx', model, inits, release=src.weights.release)\n"
         "onnx.checker.check_model(sys.argv[2] + '/m.onnx', full_check=True)\n"

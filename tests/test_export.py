@@ -49,7 +49,8 @@ def test_streamed_onnx_file_is_the_model_onnx_helper_would_build(narrow_run, tmp
     import onnx
     from onnx import numpy_helper
 
-    from zoo.export import onnx_graph, open_source, write_onnx
+    from zoo.backends.onnx import onnx_graph, write_onnx
+    from zoo.export import open_source
 
     src = open_source(narrow_run)
     model, inits = onnx_graph(src.spec, src.weights.tensors, src.classes)
@@ -89,12 +90,12 @@ def test_raw_image_signatures_match_the_python_preprocessing(narrow_run, tmp_pat
 
 
 def test_a_failed_check_leaves_nothing(narrow_run, tmp_path, monkeypatch):
-    import zoo.export
+    import zoo.export.checks
 
     def wrong(name, got, want, where):
         raise ZooError(f"{name} does not match", where)
 
-    monkeypatch.setattr(zoo.export, "compare", wrong)
+    monkeypatch.setattr(zoo.export.checks, "compare", wrong)
     for fmt in ("onnx", "savedmodel"):
         with pytest.raises(ZooError, match="does not match"):
             export(narrow_run, formats=[fmt], out=tmp_path / "exp")
@@ -167,7 +168,8 @@ def test_onnx_weights_go_to_external_data_past_the_protobuf_limit(narrow_run, tm
 
     import zoo
     from zoo.backends.onnx import needs_external_data, onnx_graph
-    from zoo.export import export_onnx, open_source
+    from zoo.export import open_source
+    from zoo.export.to_onnx import export_onnx
 
     src = open_source(narrow_run)
     model = zoo.create_model(None, weights=src.weights)

@@ -131,7 +131,8 @@ def test_keras_archive_loads_by_plain_load_model_with_zoos_layers_registered(exp
 
 @pytest.mark.parametrize("fmt", ["keras", "tflite", "tflite-int8", "onnx-int8", "savedmodel", "onnx"])
 def test_a_failed_check_leaves_the_earlier_export_untouched(fmt, narrow_run, tmp_path, monkeypatch):
-    import zoo.export
+    import zoo.export.checks
+    import zoo.export.quantized
 
     out = tmp_path / "exp"
     export(narrow_run, formats=[fmt], out=out)
@@ -140,8 +141,8 @@ def test_a_failed_check_leaves_the_earlier_export_untouched(fmt, narrow_run, tmp
     def wrong(name, got, want, where, ranks=True):
         raise ZooError(f"{name} does not match", where)
 
-    monkeypatch.setattr(zoo.export, "compare", wrong)
-    monkeypatch.setattr(zoo.export, "MIN_AGREEMENT", 1.01)  # no int8 model agrees on more than every image
+    monkeypatch.setattr(zoo.export.checks, "compare", wrong)
+    monkeypatch.setattr(zoo.export.quantized, "MIN_AGREEMENT", 1.01)  # no int8 model agrees on more than every image
     with pytest.raises(ZooError, match="does not match|refused below"):
         export(narrow_run, formats=[fmt], out=out)
     assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()} == before

@@ -10,7 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from zoo.export import REFERENCE, check_batch, open_source, stored_reference
+from zoo.export import check_batch, open_source
+from zoo.export.checks import REFERENCE, stored_reference
 
 
 @pytest.fixture(autouse=True)
@@ -25,9 +26,9 @@ def export_in_a_child(run: Path, out: Path, perturb: bool = False):
         f"import sys\nsys.path.insert(0, {str(Path(__file__).parent)!r})\n"
         "from conftest import NarrowSpecPlugin\nfrom zoo.plugins import get_plugins\n"
         "get_plugins().register(NarrowSpecPlugin(), name='narrow-specs')\n"
-        "import zoo.export\nwrite = zoo.export.write_onnx\n"
+        "import zoo.export.to_onnx\nwrite = zoo.export.to_onnx.write_onnx\n"
         "def perturbed(path, model, inits, **kw):\n    return write(path, model, [(n, a * 1.01) for n, a in inits], **kw)\n"
-        f"if {perturb}:\n    zoo.export.write_onnx = perturbed\n"
+        f"if {perturb}:\n    zoo.export.to_onnx.write_onnx = perturbed\n"
         "from zoo.cli import main\n"
         f"rc = main(['export', {str(run)!r}, '--format', 'onnx', '--out', {str(out)!r}])\n"
         "print('TF-IMPORTED' if 'tensorflow' in sys.modules else 'TF-NOT-IMPORTED')\nsys.exit(rc)\n"

@@ -92,7 +92,7 @@ class Killed(BaseException):
 @pytest.mark.parametrize("old_data,new_data", [(True, True), (True, False), (False, True)])
 @pytest.mark.parametrize("kill_at", range(1, 6))
 def test_a_swap_killed_at_any_step_leaves_one_whole_export(tmp_path, monkeypatch, old_data, new_data, kill_at):
-    from zoo import export
+    from zoo.export import swap
 
     def files(folder):
         return {p.name: p.read_text() for p in folder.iterdir() if p.is_file()}
@@ -112,13 +112,13 @@ def test_a_swap_killed_at_any_step_leaves_one_whole_export(tmp_path, monkeypatch
             raise Killed
         real(src, dst)
 
-    monkeypatch.setattr(export.os, "replace", dying)
+    monkeypatch.setattr(swap.os, "replace", dying)
     try:
-        export.swap_in(out, {n: new / n for n in export.ONNX_FILES})
+        swap.swap_in(out, {n: new / n for n in swap.ONNX_FILES})
     except Killed:
         pass
-    monkeypatch.setattr(export.os, "replace", real)
-    export.recover(out, list(export.ONNX_FILES))  # what the next export does first
+    monkeypatch.setattr(swap.os, "replace", real)
+    swap.recover(out, list(swap.ONNX_FILES))  # what the next export does first
     got = files(out)
     assert not (out / ".model.onnx.old").exists()
     if got["model.onnx"] == "new":
@@ -128,11 +128,11 @@ def test_a_swap_killed_at_any_step_leaves_one_whole_export(tmp_path, monkeypatch
 
 
 def test_a_reexport_killed_before_the_new_savedmodel_is_in_keeps_the_earlier_one(tmp_path, narrow_spec, monkeypatch):
-    from zoo import export
+    from zoo.export import export, swap
 
     weights = random_weights(tmp_path / "w.safetensors", narrow_spec.with_num_classes(2), seed=0)
     out = tmp_path / "exported"
-    export.export(weights, formats=["savedmodel"], out=out)
+    export(weights, formats=["savedmodel"], out=out)
     before = (out / "savedmodel" / "saved_model.pb").read_bytes()
     real = os.replace
 
@@ -141,11 +141,11 @@ def test_a_reexport_killed_before_the_new_savedmodel_is_in_keeps_the_earlier_one
             raise Killed
         real(src, dst)
 
-    monkeypatch.setattr(export.os, "replace", dying)
+    monkeypatch.setattr(swap.os, "replace", dying)
     with pytest.raises(Killed):
-        export.export(weights, formats=["savedmodel"], out=out)
-    monkeypatch.setattr(export.os, "replace", real)
-    export.export(weights, formats=["onnx"], out=out)  # the next export, of another format, puts it back first
+        export(weights, formats=["savedmodel"], out=out)
+    monkeypatch.setattr(swap.os, "replace", real)
+    export(weights, formats=["onnx"], out=out)  # the next export, of another format, puts it back first
     assert (out / "savedmodel" / "saved_model.pb").read_bytes() == before
     import tensorflow as tf
 
