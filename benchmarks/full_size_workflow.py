@@ -5,7 +5,7 @@ tests/references/caffe_reference.py into CAFFE_FOLDER/<net>/<net>.caffemodel; to
 seeded state dicts rebuilt by tests/seeded.py; Keras Applications' save_weights), then `zoo convert`,
 `zoo finetune` (a new 2-class head on the built-in example images, the head trained, features cached,
 exports checked against the Keras model), and `zoo predict` on the ONNX export. Each command runs as its
-own process; its wall time and peak memory (its own VmHWM) are printed as a table.
+own process; its wall time and peak memory (its own VmHWM, or its forked reader's) are printed as a table.
 
     python benchmarks/full_size_workflow.py /work/refs/caffe-full [--versions alexnet@bvlc,resnet50@keras,...]
 """
@@ -25,10 +25,12 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
-# `python -m zoo` that reports its own peak memory (VmHWM) on exit: the rusage of a child carries the
-# parent's peak across exec, and this parent holds whole state dicts while it writes them
-ZOO = [sys.executable, "-c", "import atexit, runpy, sys; atexit.register(lambda: print('VmHWM', next(line.split()[1] for line in "
-       "open('/proc/self/status') if line.startswith('VmHWM')), file=sys.stderr)); sys.argv[0] = 'zoo'; "
+# `python -m zoo` that reports its own peak memory on exit: its VmHWM, or its forked reader's (zoo convert:
+# zoo.forked) where larger. Not this parent's rusage of it: that carries the parent's peak across exec, and
+# this parent holds whole state dicts while it writes them
+ZOO = [sys.executable, "-c", "import atexit, resource, runpy, sys; atexit.register(lambda: print('VmHWM', max(int(next("
+       "line.split()[1] for line in open('/proc/self/status') if line.startswith('VmHWM'))), "
+       "resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss), file=sys.stderr)); sys.argv[0] = 'zoo'; "
        "runpy.run_module('zoo', run_name='__main__')"]
 CAFFE = {"alexnet@bvlc": "alexnet", "caffenet@bvlc": "caffenet", "vgg16@caffe": "vgg16", "resnet50@caffe": "resnet50",
          "googlenet@bvlc": "googlenet"}
