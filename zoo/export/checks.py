@@ -4,6 +4,7 @@ batch, the comparison with the Keras model's logits, and the logits a run stored
 from __future__ import annotations
 
 import hashlib
+import sys
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -66,14 +67,15 @@ def check_batch(spec: ModelSpec, n: int = 4, seed: int = 1234, size=None) -> np.
 
 def compare(name: str, got: np.ndarray, want: np.ndarray, where, ranks: bool = True) -> float:
     """Max |difference| within 1e-4 of the outputs' scale and, with `ranks` (logits), identical top-1 and
-    top-5; else ZooError. Features are compared by value only: near-equal activations may swap ranks."""
+    top-5; else ZooError. What was measured is said on stderr either way. Features are compared by value only: near-equal activations may swap ranks."""
     scale = float(np.abs(want).max()) or 1.0
     err = float(np.abs(got - want).max()) / scale
     k = min(5, want.shape[1])
     same = not ranks or np.array_equal(np.argsort(-got, 1)[:, :k], np.argsort(-want, 1)[:, :k])
+    measured = f"max difference {err:.2e} of the outputs' scale" + (f", top-{k} {'identical' if same else 'DIFFERENT'}" if ranks else "")
     if err > 1e-4 or not same:
-        raise ZooError(f"{name} does not match the Keras model: max difference {err:.2e} of the outputs' scale"
-                       + (f", top-{k} {'identical' if same else 'DIFFERENT'}" if ranks else ""), where)
+        raise ZooError(f"{name} does not match the Keras model: {measured}", where)
+    print(f"zoo: {name} matches the Keras model on {len(want)} images: {measured}", file=sys.stderr, flush=True)
     return err
 
 
