@@ -480,14 +480,14 @@ def build_parser() -> argparse.ArgumentParser:
                  "zoo finetune alexnet --head 2 --weights bvlc_alexnet.safetensors --data photos/ --train fc7,fc8")
     add_finetune_arguments(p)  # one per fine-tune option, from zoo.finetune.config
     next(a for a in p._actions if a.dest == "model").completer = _spec_names
-    p.add_argument("--export", help="formats to export at the end: savedmodel,onnx")
+    p.add_argument("--export", metavar="FORMATS", help="formats to export at the end, as zoo export --format takes them: savedmodel,onnx,...")
 
     p = _command(sub, "launch", cmd_launch, "run N local workers of a multi-worker fine-tune (TF_CONFIG on loopback ports)",
                  "zoo launch 2 -- finetune narrow --data photos/ --batch-size 64   (--strategy multiworker is added)", json_output=False)
     p.add_argument("workers", type=int)
     p.add_argument("command_args", nargs=argparse.REMAINDER, metavar="-- finetune ...")
 
-    p = _command(sub, "export", cmd_export, "export a run or weights file to SavedModel and/or ONNX, checked against Keras",
+    p = _command(sub, "export", cmd_export, "export a run or weights file (SavedModel, ONNX, .keras, LiteRT, int8), each checked against Keras",
                  "zoo export runs/finetune --format savedmodel,onnx")
     p.add_argument("source", help="run folder, verified .safetensors or stored weights' name (zoo weights)")
     p.add_argument("--format", default="savedmodel,onnx",
