@@ -8,6 +8,7 @@ import sys
 
 import numpy as np
 import pytest
+import strategy_matrix
 from conftest import TESTS
 
 from zoo import ZooError
@@ -152,6 +153,8 @@ kw = dict(model="narrow@nodropout", data={str(example_data)!r}, epochs=2, batch_
 a = finetune(out={str(tmp_path / "single")!r}, **kw)
 b = finetune(out={str(tmp_path / "mirrored")!r}, strategy="mirrored", **kw)
 print("REPLICAS", tf.distribute.MirroredStrategy().num_replicas_in_sync)
+import strategy_matrix  # every optimizer zoo offers, under the same strategy (a TensorFlow start saved)
+strategy_matrix.run("mirrored", {str(tmp_path)!r})
 """
     p = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
     assert p.returncode == 0, p.stderr[-3000:]
@@ -160,6 +163,7 @@ print("REPLICAS", tf.distribute.MirroredStrategy().num_replicas_in_sync)
     b = load_weights(tmp_path / "mirrored" / "weights.safetensors").tensors
     for name in a:
         np.testing.assert_allclose(a[name], b[name], rtol=1e-3, atol=1e-4, err_msg=name)
+    print("mirrored, largest difference to one device / weight scale:", strategy_matrix.check(tmp_path, 1))
 
 
 @pytest.mark.slow

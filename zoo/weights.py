@@ -13,6 +13,7 @@ import json
 import os
 import re
 import secrets
+import shutil
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -153,10 +154,15 @@ _TEMP = re.compile(r"\..+\.(\d+)\.[0-9a-f]{12}\.tmp")
 
 def remove_stale_temps(folder: Path) -> list[Path]:
     """Remove atomic_output's files in `folder` whose writer is no longer running (kill -9, power loss: they
-    are full-size); those of live processes stay. Returns what was removed."""
+    are full-size), and folders made under such a name (a multi-worker run's non-chief workers write their
+    copy of the run there: zoo.finetune.distributed.writes_to); those of live processes stay. Returns what
+    was removed."""
     stale = [p for p in folder.glob(".*.tmp") if (m := _TEMP.fullmatch(p.name)) and not _alive(int(m[1]))]
     for p in stale:
-        p.unlink(missing_ok=True)
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
     return stale
 
 

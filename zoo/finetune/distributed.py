@@ -98,11 +98,19 @@ def agree(strat, cfg) -> None:
 
 @contextmanager
 def writes_to(strat, run: Path, index: int):
-    """The folder this worker writes: the run folder on the chief, a temporary one elsewhere (removed after)."""
+    """The folder this worker writes: the run folder on the chief, a temporary one elsewhere, removed when the
+    worker ends. Its name is zoo.weights.atomic_output's, with this process's pid: a worker killed before it could
+    remove it (SIGKILL, a lost machine) leaves it, and the next run on the machine removes it once that pid is
+    gone (zoo.weights.remove_stale_temps, which every run calls on the temporary folder first)."""
+    from zoo.weights import atomic_output, remove_stale_temps
+
+    temp = Path(tempfile.gettempdir())
+    remove_stale_temps(temp)
     if is_chief(strat):
         yield run
         return
-    scratch = Path(tempfile.mkdtemp(prefix=f"zoo-worker{index}-"))
+    scratch = atomic_output(temp / f"zoo-worker{index}")  # .zoo-worker<index>.<pid>.<random>.tmp
+    scratch.mkdir(mode=0o700)
     try:
         yield scratch / "run"
     finally:
