@@ -1,25 +1,38 @@
-"""Forward (inference) speed of the graph families' models against Keras Applications, in one run (issue 12).
+"""Inference speed of every registered network in every runtime zoo runs it in, beside the peers, in one run
+(issue 18; it replaced issue 12's ResNet-50/VGG16/GoogLeNet comparison).
 
-    python benchmarks/bench_forward.py [--models resnet50,vgg16,googlenet] [--batch 1,32] [--repeat 5] [--seconds 6]
+    python benchmarks/bench_forward.py [--specs all] [--batch 1,32] [--repeat 3] [--seconds 2] [--calls 3]
+                                       [--torch-python /work/tvenv/bin/python] [--exporter legacy|dynamo] [--json out.json]
 
-Ways, each on the same seeded float32 NHWC batch (values of the scale of a preprocessed image):
-- `zoo Keras`: the spec's Keras model, zoo.backends.keras.build_model(spec, tensors);
-- `Keras Applications`: keras.applications.ResNet50 / VGG16 (weights=None, classifier_activation=None), given
-  zoo's tensors where its layers match the spec's weighted layers in shape (by name, else in order);
-- `ONNX Runtime`: zoo's ONNX graph (zoo.backends.onnx.onnx_graph + write_onnx) in a CPU session, input `image`.
-Both Keras models are called the same way: `tf.function(lambda x: model(x, training=False))` on a tensor
-made outside the clock, the result fetched with `.numpy()`; ONNX Runtime: `session.run(["logits"], ...)`.
-The tensors are one random initialisation (Keras' initialisers, made once by zoo's builder and saved), so
-the ways compute the same logits; the table reports their largest difference from zoo's Keras model.
+Each network gets seeded weights (zoo.bench.seeded_tensors) in a weights file, exported by `zoo export
+--format onnx,savedmodel` as a user would; zoo's three runtimes are then measured by zoo.bench.measure, the
+measurement `zoo bench` makes (a fresh interpreter; imports, loading and two warm-up calls outside the
+clock; at least --calls timed calls and --seconds of them; images/s = batch / median call):
 
-Every measurement (one way, one model, one batch size) runs in a fresh interpreter; importing TensorFlow or
-ONNX Runtime, building the model and two warm-up calls are outside the clock. A measurement is the median
-of timed calls (at least 3, and at least --seconds of them); the ways alternate (their order rotates) for
---repeat rounds and each row is the median of its rounds.
+- `keras`: zoo's Keras model (zoo.backends.keras.build_model) as `tf.function(lambda x: model(x, training=False))`;
+- `savedmodel`: the exported SavedModel's `serving_default`;
+- `onnx`: the exported model.onnx in ONNX Runtime, with zoo's session options (zoo.backends.onnx.session_options).
 
-The machine may be shared: each measurement starts once the other processes have used under 10% of the CPUs
-for 5 s, and one during which they used more than 10% (from /proc/stat, less this process's children) is
-run again, up to 7 times (`run_quiet`; bench_finetune.py uses it too).
+The peers, measured the same way, by the same zoo.bench.measure, in the same run:
+
+- `torch.onnx` (the @torchvision versions): torchvision's model (seeded random init, `weights=None`), exported
+  by `torch.onnx.export` (TorchScript exporter, opset 17, or `--exporter dynamo`: the other one is tried if
+  one fails) in the interpreter given by --torch-python, then run in zoo's own ONNX Runtime with zoo's
+  session options (same threads, same batch; its input NCHW, transposed outside the clock);
+- `keras.applications` (the resnet50 and vgg16 families): keras.applications.ResNet50 / VGG16
+  (weights=None, classifier_activation=None), called exactly as zoo's Keras model is.
+
+The ways of one family alternate, their order rotating each of --repeat rounds. A ratio zoo / peer is the
+median over the rounds of the two ways' ratio within the round; images/s the median over the rounds.
+The limit is zoo.bench's: the network's multiply-accumulates (each layer kind's `macs`) against the CPUs'
+nominal float32 peak (zoo.bench.peak_flops); beside it, what ONNX Runtime's own SGEMM (MLAS, MatMul
+2048x2048x2048) reaches on this machine in the same run, measured by the same function.
+
+"others' CPU" is the most that other processes used of the CPUs during any of a row's measurements (its peers'
+included). The machine may be shared: each measurement starts once the other processes have used under 10% of the CPUs
+for 2 s (at most --patience seconds of waiting), and one during which they used more than 10% (from
+/proc/stat, less this process's children) is run again, up to 4 times in all (`run_quiet`;
+bench_finetune.py uses it too, with its own defaults).
 """
 
 from __future__ import annotations
@@ -35,108 +48,69 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-
 ROOT = Path(__file__).resolve().parents[1]
 
-# model: (zoo spec, keras.applications class or None)
-MODELS = {"resnet50": ("resnet50@keras", "ResNet50"), "vgg16": ("vgg16@caffe", "VGG16"), "googlenet": ("googlenet@bvlc", None)}
-WAYS = {"zoo": "zoo Keras", "app": "Keras Applications", "onnx": "ONNX Runtime (zoo's ONNX)"}
+KERAS_APPLICATIONS = {"resnet50": "ResNet50", "vgg16": "VGG16"}  # family -> keras.applications model
+TORCHVISION = {"alexnet@torchvision": "alexnet", "resnet50@torchvision": "resnet50", "vgg16@torchvision": "vgg16"}
+RUNTIMES = ("keras", "savedmodel", "onnx")
+SGEMM_N = 2048
+
+TORCH_EXPORT = r"""
+import sys, types
+# PyPI's torchvision beside the CPU build of torch cannot load its C++ ops ("operator torchvision::nms does
+# not exist" while registering their meta kernels); its classification models use none of them
+sys.modules.setdefault("torchvision._meta_registrations", types.ModuleType("torchvision._meta_registrations"))
+import torch, torchvision
+name, path, exporter, size = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+torch.manual_seed(0)
+model = getattr(torchvision.models, name)(weights=None).eval()
+x = torch.randn(1, 3, size, size)
+if exporter == "dynamo":
+    torch.onnx.export(model, (x,), path, dynamo=True, input_names=["x"], output_names=["logits"], opset_version=18,
+                      dynamic_shapes=({0: torch.export.Dim("batch")},))
+else:
+    torch.onnx.export(model, (x,), path, dynamo=False, input_names=["x"], output_names=["logits"], opset_version=17,
+                      dynamic_axes={"x": {0: "batch"}, "logits": {0: "batch"}})
+print("VERSIONS", torch.__version__, torchvision.__version__, flush=True)
+"""
 
 
-def make_tensors(spec_id: str, path: str) -> None:
-    """A random initialisation of `spec_id` by zoo's Keras builder (Keras' initialisers), saved as npz."""
-    import keras
-
-    from zoo.backends.keras import build_model, model_tensors
-    from zoo.registry import get_spec
-
-    keras.utils.set_random_seed(0)
-    spec = get_spec(spec_id)
-    np.savez(path, **model_tensors(build_model(spec), spec))
+# --- the peers' forwards, built in zoo.bench's measuring process (zoo.bench.make_job(builder=...)) --------
 
 
-def _into_application(model, spec, tensors) -> bool:
-    """Give a Keras Applications model zoo's tensors where its weighted layers match the spec's (by name,
-    else in order), shape for shape; False (its own random initialisation kept) where they do not."""
-    nodes = spec.weighted_nodes
-    names = {layer.name for layer in model.layers}
-    if all(n.name in names for n in nodes):
-        layers = [model.get_layer(n.name) for n in nodes]
-    else:
-        layers = [layer for layer in model.layers if layer.weights]
-    if len(layers) != len(nodes):
-        return False
-    arrays = [[tensors[t.name] for t in n.tensors] for n in nodes]
-    if any([a.shape for a in arr] != [tuple(w.shape) for w in layer.weights] for layer, arr in zip(layers, arrays)):
-        return False
-    for layer, arr in zip(layers, arrays):
-        layer.set_weights(arr)
-    return True
-
-
-def _batch(spec, n: int) -> np.ndarray:
-    h, w, c = spec.input_shape
-    return (np.random.default_rng(1).standard_normal((n, h, w, c), dtype=np.float32) * 60).astype(np.float32)
-
-
-def _timed(run, x, seconds: float) -> float:
-    """Images/s: the median of timed calls after two warm-up calls (tracing, first-touch), at least 3 calls
-    and at least `seconds` of them."""
-    run(x)
-    run(x)
-    times, start = [], time.perf_counter()
-    while len(times) < 3 or (time.perf_counter() - start < seconds and len(times) < 200):
-        t = time.perf_counter()
-        run(x)
-        times.append(time.perf_counter() - t)
-    return len(x) / statistics.median(times)
-
-
-def measure_keras(way: str, spec_id: str, app: str, tensors_path: str, batch: str, seconds: str) -> dict:
+def keras_application(job, spec):
+    """keras.applications' model with its own random initialisation, called as zoo.bench calls zoo's Keras model."""
     import keras
     import tensorflow as tf
 
-    from zoo.backends.keras import build_model
-    from zoo.registry import get_spec
-
-    spec = get_spec(spec_id)
-    with np.load(tensors_path) as f:
-        tensors = {k: f[k] for k in f.files}
-    same = True
-    if way == "zoo":
-        model = build_model(spec, tensors)
-    else:
-        model = getattr(keras.applications, app)(weights=None, input_shape=spec.input_shape, classifier_activation=None)
-        same = _into_application(model, spec, tensors)
-    del tensors
+    keras.utils.set_random_seed(0)
+    model = getattr(keras.applications, job["application"])(weights=None, input_shape=tuple(spec.input_shape),
+                                                            classifier_activation=None)
     forward = tf.function(lambda x: model(x, training=False))
-    x = _batch(spec, int(batch))
-    xt = tf.constant(x)
-    rate = _timed(lambda _: forward(xt).numpy(), x, float(seconds))
-    return {"rate": rate, "logits": forward(xt).numpy()[:2].tolist(), "same_weights": same}
+    return lambda x: forward(tf.constant(x)).numpy()
 
 
-def measure_onnx(way: str, spec_id: str, app: str, tensors_path: str, batch: str, seconds: str) -> dict:
+def sgemm(job, spec):
+    """ONNX Runtime's MatMul of two SGEMM_N-square float32 matrices in zoo's session: the best case of its
+    arithmetic on this machine (the batch is ignored)."""
+    import numpy as np
     import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
 
-    from zoo.backends.onnx import onnx_graph, write_onnx
-    from zoo.registry import get_spec
+    from zoo.backends.onnx import session_options
 
-    spec = get_spec(spec_id)
-    with np.load(tensors_path) as f:
-        tensors = {k: f[k] for k in f.files}
-    path = str(Path(tensors_path).with_suffix(".onnx"))
-    model, inits = onnx_graph(spec, tensors, [str(i) for i in range(spec.num_classes)])
-    write_onnx(path, model, inits)
-    del tensors, inits
-    session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
-    x = _batch(spec, int(batch))
-    rate = _timed(lambda v: session.run(["logits"], {"image": v})[0], x, float(seconds))
-    return {"rate": rate, "logits": session.run(["logits"], {"image": x})[0][:2].tolist(), "same_weights": True}
+    n = SGEMM_N
+    b = np.random.default_rng(0).standard_normal((n, n), dtype=np.float32)
+    graph = helper.make_graph([helper.make_node("MatMul", ["a", "b"], ["c"])], "sgemm",
+                              [helper.make_tensor_value_info("a", TensorProto.FLOAT, [n, n])],
+                              [helper.make_tensor_value_info("c", TensorProto.FLOAT, [n, n])], [numpy_helper.from_array(b, "b")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    session = ort.InferenceSession(model.SerializeToString(), session_options(), providers=["CPUExecutionProvider"])
+    a = np.random.default_rng(1).standard_normal((n, n), dtype=np.float32)
+    return lambda _: session.run(["c"], {"a": a})
 
 
-MEASURES = {"zoo": measure_keras, "app": measure_keras, "onnx": measure_onnx}
+# --- quiet CPUs ---------------------------------------------------------------------------------------
 
 
 def _cpu_seconds() -> tuple[float, float]:
@@ -154,21 +128,27 @@ def _foreign_share(start: tuple[float, float], wall: float) -> float:
     return max(0.0, (busy - start[0]) - (own - start[1])) / (wall * os.cpu_count())
 
 
-def run_quiet(cmd: list[str], limit: float = 0.10, tries: int = 8) -> subprocess.CompletedProcess:
-    """subprocess.run(cmd) when other processes leave the CPUs alone: wait until they used under `limit` of
-    them for 5 s, run, and run again (up to `tries` in all) if they used more than `limit` meanwhile."""
+def run_quiet(cmd: list[str], limit: float = 0.10, tries: int = 8, settle: float = 5.0, patience: float | None = None,
+              **kwargs) -> subprocess.CompletedProcess:
+    """subprocess.run(cmd, capture_output=True, text=True, **kwargs) when other processes leave the CPUs alone:
+    wait until they used under `limit` of them for `settle` s (giving up the wait after `patience` s, if
+    given), run, and run again (up to `tries` in all) if they used more than `limit` meanwhile. The result's
+    `foreign_share` is what they used during the run kept."""
     for attempt in range(tries):
         waited = time.perf_counter()
         while True:
             start, t = _cpu_seconds(), time.perf_counter()
-            time.sleep(5)
+            time.sleep(settle)
             if _foreign_share(start, time.perf_counter() - t) < limit:
                 break
-        if time.perf_counter() - waited > 6:
+            if patience is not None and time.perf_counter() - waited > patience:
+                break
+        if time.perf_counter() - waited > settle + 1:
             print(f"  (waited {time.perf_counter() - waited:.0f} s for other processes to leave the CPUs)", file=sys.stderr, flush=True)
         start, t = _cpu_seconds(), time.perf_counter()
-        p = subprocess.run(cmd, capture_output=True, text=True)
+        p = subprocess.run(cmd, **({"capture_output": True, "text": True} | kwargs))
         share = _foreign_share(start, time.perf_counter() - t)
+        p.foreign_share = share
         if share < limit or p.returncode:
             return p
         print(f"  (other processes used {share:.0%} of the CPUs during it: {'again' if attempt + 1 < tries else 'kept'})",
@@ -176,67 +156,218 @@ def run_quiet(cmd: list[str], limit: float = 0.10, tries: int = 8) -> subprocess
     return p
 
 
-def measure(way: str, *args) -> dict:
-    """One measurement in a fresh interpreter: no way's threads, caches or memory bill another."""
-    code = (f"import sys, json; sys.path.insert(0, {str(ROOT / 'benchmarks')!r}); import bench_forward as b; "
-            f"print('RESULT', json.dumps(b.MEASURES[{way!r}]({way!r}, *sys.argv[1:])))")
-    p = run_quiet([sys.executable, "-c", code, *map(str, args)])
+# --- the run ------------------------------------------------------------------------------------------
+
+
+def _log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def prepare(spec_id: str, folder: Path, args) -> dict:
+    """The spec's seeded weights exported by zoo, its peers' files: {way: zoo.bench job template}."""
+    from zoo.bench import make_job, seeded_tensors, spec_json, target
+    from zoo.registry import get_spec
+    from zoo.weights import save_weights
+
+    spec = get_spec(spec_id)
+    folder.mkdir(parents=True)
+    spec_file = spec_json(spec, folder)
+    save_weights(folder / "weights.safetensors", spec, seeded_tensors(spec))
+    t = time.perf_counter()
+    p = subprocess.run([sys.executable, "-m", "zoo", "export", str(folder / "weights.safetensors"), "--format", "onnx,savedmodel",
+                        "--out", str(folder / "exported")], capture_output=True, text=True, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"))
     if p.returncode:
-        raise SystemExit(f"{way} {args} failed:\n{p.stderr[-3000:]}")
-    return json.loads(next(line for line in p.stdout.splitlines() if line.startswith("RESULT"))[7:])
+        raise SystemExit(f"zoo export of {spec_id} failed:\n{p.stderr[-3000:]}")
+    _log(f"  {spec_id}: exported in {time.perf_counter() - t:.0f} s")
+    found = target(str(folder))
+    ways = {runtime: make_job(runtime, 0, spec_file, args.seconds, found, min_calls=args.calls) for runtime in RUNTIMES}
+    if spec_id in TORCHVISION and args.torch_python:
+        path, exporter, versions = export_torchvision(spec, folder, args)
+        ways["torch.onnx"] = make_job("torch.onnx", 0, spec_file, args.seconds, onnx=str(path), min_calls=args.calls, layout="NCHW",
+                                      builder="zoo.bench:_onnx", exporter=exporter, versions=versions)
+    return ways
 
 
-def _difference(a, b) -> float:
-    """max |a - b| relative to max |b|."""
-    a, b = np.asarray(a), np.asarray(b)
-    return float(np.abs(a - b).max() / max(1e-30, np.abs(b).max()))
+def export_torchvision(spec, folder: Path, args) -> tuple[Path, str, str]:
+    """torchvision's model exported by torch.onnx in --torch-python: (file, exporter used, versions)."""
+    path = folder / "torchvision.onnx"
+    tried = []
+    for exporter in (args.exporter, "dynamo" if args.exporter == "legacy" else "legacy"):
+        p = subprocess.run([args.torch_python, "-c", TORCH_EXPORT, TORCHVISION[spec.id], str(path), exporter, str(spec.input_shape[0])],
+                           capture_output=True, text=True)
+        line = next((x for x in p.stdout.splitlines() if x.startswith("VERSIONS ")), None)
+        if p.returncode == 0 and line:
+            torch_version, torchvision_version = line.split()[1:]
+            return path, exporter, f"torch {torch_version}, torchvision {torchvision_version}"
+        tried.append(f"{exporter}: {(p.stderr.strip().splitlines() or ['no output'])[-1]}")
+        _log(f"  torch.onnx.export ({exporter}) of {spec.id} failed: {tried[-1]}")
+    raise SystemExit(f"torch.onnx.export of {spec.id} failed both ways: {'; '.join(tried)}")
+
+
+def application_job(family: str, spec_id: str, folder: Path, args) -> dict:
+    from zoo.bench import make_job, spec_json
+    from zoo.registry import get_spec
+
+    spec_file = spec_json(get_spec(spec_id), folder)
+    return make_job("keras.applications", 0, spec_file, args.seconds, min_calls=args.calls, builder="bench_forward:keras_application",
+                    path=[str(ROOT / "benchmarks")], application=KERAS_APPLICATIONS[family])
+
+
+def measure(job: dict, batch: int, limit: float, args) -> dict:
+    """zoo.bench.measure of `job` at `batch`, started when the CPUs are quiet; with the share of the CPUs
+    other processes used meanwhile."""
+    from zoo.bench import measure as zoo_measure
+
+    seen = {}
+
+    def quiet(cmd, **kw):
+        p = run_quiet(cmd, tries=args.tries, settle=2.0, patience=args.patience, **kw)
+        seen["foreign"] = p.foreign_share
+        return p
+
+    row = zoo_measure(dict(job, batch=batch, warmup=1 if batch >= 16 else 2), limit, run=quiet)
+    return {"images_per_second": row.images_per_second, "latency_ms": row.latency_ms, "calls": row.calls,
+            "peak_memory_mb": row.peak_memory_mb, "others_cpu_share": seen["foreign"]}
+
+
+FMA_PEAK = r"""
+#include <immintrin.h>
+#include <stdio.h>
+#include <time.h>
+static double now(void) { struct timespec t; clock_gettime(CLOCK_THREAD_CPUTIME_ID, &t); return t.tv_sec + 1e-9 * t.tv_nsec; }
+int main(void) {  /* 12 independent chains of AVX-512 FMAs: the core's float32 peak, per second of its own CPU time */
+  long n = 100000000;
+  __m512 a[12], m = _mm512_set1_ps(0.999999f), c = _mm512_set1_ps(1e-7f);
+  for (int i = 0; i < 12; i++) a[i] = _mm512_set1_ps(i);
+  double t = now();
+  for (long k = 0; k < n; k++)
+    for (int i = 0; i < 12; i++) a[i] = _mm512_fmadd_ps(a[i], m, c);
+  t = now() - t;
+  float s = 0;
+  for (int i = 0; i < 12; i++) s += _mm512_reduce_add_ps(a[i]);
+  printf("%f %g\n", n * 12.0 * 32 / t / 1e9, s);
+  return 0;
+}
+"""
+
+
+def fma_peak(folder: Path) -> float | None:
+    """One core's measured AVX-512 FMA rate (GFLOP/s of its own CPU time; gcc and AVX-512 needed), None without."""
+    source, binary = folder / "fma_peak.c", folder / "fma_peak"
+    source.write_text(FMA_PEAK)
+    try:
+        subprocess.run(["gcc", "-O3", "-funroll-all-loops", "-mavx512f", "-mfma", "-o", str(binary), str(source)], check=True,
+                       capture_output=True)
+        return float(subprocess.run([str(binary)], check=True, capture_output=True, text=True).stdout.split()[0])
+    except (OSError, subprocess.CalledProcessError, ValueError, IndexError):
+        return None
 
 
 def main():
+    from zoo.bench import limit_of, macs, peak_flops
+    from zoo.registry import all_specs, get_spec
+
     ap = argparse.ArgumentParser()
-    ap.add_argument("--models", default="resnet50,vgg16,googlenet", help=f"comma-separated: {', '.join(MODELS)}")
+    ap.add_argument("--specs", default="all", help="comma-separated spec ids or families (default: every registered spec)")
     ap.add_argument("--batch", default="1,32", help="batch sizes, comma-separated")
-    ap.add_argument("--repeat", type=int, default=5, help="rounds of alternating measurements (median)")
-    ap.add_argument("--seconds", type=float, default=6.0, help="least timed seconds of a measurement")
+    ap.add_argument("--repeat", type=int, default=3, help="rounds of alternating measurements (median)")
+    ap.add_argument("--seconds", type=float, default=2.0, help="least timed seconds of a measurement")
+    ap.add_argument("--calls", type=int, default=3, help="least timed calls of a measurement")
+    ap.add_argument("--torch-python", default="/work/tvenv/bin/python", help="an interpreter with torch and torchvision ('' to skip)")
+    ap.add_argument("--exporter", choices=("legacy", "dynamo"), default="legacy", help="torch.onnx.export's exporter tried first")
+    ap.add_argument("--patience", type=float, default=30.0, help="most seconds to wait for quiet CPUs before a measurement")
+    ap.add_argument("--tries", type=int, default=4, help="runs of a measurement other processes disturbed, at most")
+    ap.add_argument("--json", help="also write every measurement here")
     args = ap.parse_args()
-    models = args.models.split(",")
-    unknown = [m for m in models if m not in MODELS]
-    if unknown:
-        ap.error(f"unknown model(s) {', '.join(unknown)}; known: {', '.join(MODELS)}")
+    registered = sorted(all_specs())
+    wanted = registered if args.specs == "all" else [s for name in args.specs.split(",")
+                                                     for s in ([name] if "@" in name else [r for r in registered if r.startswith(name + "@")])]
+    unknown = [s for s in wanted if s not in registered]
+    if unknown or not wanted:
+        ap.error(f"unknown spec(s) {', '.join(unknown) or args.specs}; registered: {', '.join(registered)}")
     batches = [int(b) for b in args.batch.split(",")]
+    families: dict[str, list[str]] = {}
+    for s in wanted:
+        families.setdefault(s.split("@")[0], []).append(s)
 
-    rows = []
-    with tempfile.TemporaryDirectory() as tmp:
-        for name in models:
-            spec_id, app = MODELS[name]
-            tensors = str(Path(tmp) / f"{name}.npz")
-            p = subprocess.run([sys.executable, "-c", f"import sys; sys.path.insert(0, {str(ROOT / 'benchmarks')!r}); "
-                                f"import bench_forward as b; b.make_tensors(*sys.argv[1:])", spec_id, tensors],
-                               capture_output=True, text=True)
-            if p.returncode:
-                raise SystemExit(f"initialising {spec_id} failed:\n{p.stderr[-3000:]}")
-            ways = ["zoo", "onnx"] + (["app"] if app else [])
+    started = time.perf_counter()
+    flops, how = peak_flops()
+    results = {"peak_gflops": flops / 1e9, "peak_how": how, "batches": batches, "repeat": args.repeat, "specs": {}, "sgemm": [],
+               "exporters": {}}
+    rounds: dict[tuple, list] = {}  # (way label, batch) -> per-round measurements
+    with tempfile.TemporaryDirectory(prefix="bench-forward-") as tmp:
+        results["fma_gflops_per_core"] = fma_peak(Path(tmp))
+        sgemm_job = None
+        for family, specs in families.items():
+            ways = {}
+            for spec_id in specs:
+                for way, job in prepare(spec_id, Path(tmp) / spec_id.replace("@", "_"), args).items():
+                    ways[(spec_id, way)] = job
+                    if way == "torch.onnx":
+                        results["exporters"][spec_id] = f"{job['exporter']} ({job['versions']})"
+            if family in KERAS_APPLICATIONS:
+                ways[(family, "keras.applications")] = application_job(family, specs[0], Path(tmp) / f"{family}_app", args)
+            sgemm_job = sgemm_job or dict(next(iter(ways.values())), runtime="sgemm", builder="bench_forward:sgemm",
+                                          path=[str(ROOT / "benchmarks")], layout=None, min_calls=5)
             for batch in batches:
-                runs = {w: [] for w in ways}
+                order = list(ways)
                 for r in range(args.repeat):
-                    for way in ways[r % len(ways):] + ways[:r % len(ways)]:  # rotate the order each round
-                        runs[way].append(measure(way, spec_id, app or "", tensors, batch, args.seconds))
-                        print(f"  {name} batch {batch} round {r + 1} {WAYS[way]}: {runs[way][-1]['rate']:.2f} images/s",
-                              file=sys.stderr, flush=True)
-                rates = {w: statistics.median(m["rate"] for m in runs[w]) for w in ways}
-                for way in ways:
-                    diff = _difference(runs[way][0]["logits"], runs["zoo"][0]["logits"])
-                    rows.append((spec_id, batch, WAYS[way], rates[way], [m["rate"] for m in runs[way]],
-                                 rates[way] / rates["app"] if app else None, rates[way] / rates["zoo"],
-                                 diff if runs[way][0]["same_weights"] else None))
+                    for key in order[r % len(order):] + order[:r % len(order)]:  # rotate the order each round
+                        spec_id = key[0] if "@" in key[0] else specs[0]
+                        m = measure(ways[key], batch, limit_of(get_spec(spec_id))[0], args)
+                        rounds.setdefault((*key, batch), []).append(m)
+                        _log(f"  {key[0]} {key[1]} batch {batch} round {r + 1}: {m['images_per_second']:.2f} images/s "
+                             f"({m['calls']} calls, {time.perf_counter() - started:.0f} s in)")
+                s = measure(sgemm_job, 1, 1.0, args)
+                results["sgemm"].append(2 * SGEMM_N ** 3 / (s["latency_ms"] / 1000) / 1e9)
+                _log(f"  ONNX Runtime SGEMM {SGEMM_N}: {results['sgemm'][-1]:.0f} GFLOP/s ({time.perf_counter() - started:.0f} s in)")
+        for spec_id in wanted:
+            spec = get_spec(spec_id)
+            results["specs"][spec_id] = {"gmacs": macs(spec) / 1e9, "limit": limit_of(spec)[0]}
+    results["seconds"] = time.perf_counter() - started
+    results["rounds"] = [{"way": list(k), "rounds": v} for k, v in rounds.items()]
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1))
+    print(table(results, rounds, wanted, batches, families))
 
-    print(f"\nForward pass, float32 NHWC, images/s: medians of {args.repeat} rounds, each measurement in its own interpreter; "
-          "Keras ways called as tf.function(lambda x: model(x, training=False))\n")
-    print("| model | batch | way | images/s | rounds | / Keras Applications | / zoo Keras | logits vs zoo Keras (max rel.) |")
-    print("|---|---|---|---|---|---|---|---|")
-    for spec_id, batch, way, rate, each, vs_app, vs_zoo, diff in rows:
-        print(f"| {spec_id} | {batch} | {way} | {rate:.2f} | {', '.join(f'{v:.1f}' for v in each)} | "
-              f"{f'**{vs_app:.2f}x**' if vs_app else '-'} | {vs_zoo:.2f}x | {'-' if diff is None else f'{diff:.1e}'} |")
+
+def table(results, rounds, wanted, batches, families) -> str:
+    sgemm = statistics.median(results["sgemm"])
+    fma = results["fma_gflops_per_core"]
+    cores = len(os.sched_getaffinity(0))
+    out = [f"Forward pass, float32, images/s: medians of {results['repeat']} rounds, each measurement in its own interpreter "
+           f"(zoo.bench.measure); limit: {results['peak_gflops']:.0f} GFLOP/s nominal ({results['peak_how']}); "
+           + (f"AVX-512 FMA loop: {fma:.0f} GFLOP/s a core of CPU time, x {cores} = {fma * cores / results['peak_gflops']:.0%} of nominal; "
+              if fma else "")
+           + f"ONNX Runtime's SGEMM {SGEMM_N}: {sgemm:.0f} GFLOP/s (median of {len(results['sgemm'])}, "
+           f"{sgemm / results['peak_gflops']:.0%} of nominal); run took {results['seconds'] / 60:.1f} min",
+           "", "| model | GMAC | batch | runtime | zoo images/s | GFLOP/s | of limit | peers, images/s | zoo / best peer | others' CPU |",
+           "|---|---|---|---|---|---|---|---|---|---|"]
+    rate = lambda key: statistics.median(m["images_per_second"] for m in rounds[key])  # noqa: E731
+    for spec_id in wanted:
+        family = spec_id.split("@")[0]
+        info = results["specs"][spec_id]
+        for batch in batches:
+            for runtime in RUNTIMES:
+                key = (spec_id, runtime, batch)
+                if key not in rounds:
+                    continue
+                peers = [(spec_id, "torch.onnx", batch)] if runtime == "onnx" else []
+                peers += [(family, "keras.applications", batch)]
+                peers = [p for p in peers if p in rounds]
+                zoo = rate(key)
+                named = "; ".join(f"{p[1]} {rate(p):.2f}" for p in peers) or "-"
+                ratio = "-"
+                if peers:
+                    n = min(len(rounds[key]), *(len(rounds[p]) for p in peers))
+                    per_round = [rounds[key][i]["images_per_second"] / max(rounds[p][i]["images_per_second"] for p in peers) for i in range(n)]
+                    ratio = f"**{statistics.median(per_round):.2f}x**"
+                others = max(m["others_cpu_share"] for k in [key, *peers] for m in rounds[k])
+                out.append(f"| {spec_id} | {info['gmacs']:.3f} | {batch} | {runtime} | {zoo:.2f} | {zoo * 2 * info['gmacs']:.0f} | "
+                           f"{zoo / info['limit']:.0%} | {named} | {ratio} | {others:.0%} |")
+    if results["exporters"]:
+        out += ["", "torch.onnx exports: " + "; ".join(f"{k}: {v}" for k, v in results["exporters"].items())]
+    return "\n".join(out)
 
 
 if __name__ == "__main__":

@@ -6,10 +6,15 @@ the clock; its peak memory is that process's own VmHWM) on one seeded float32 ba
 shape. Images/s is the batch over the median call time, spread the 10th-90th percentile of the calls.
 The limit is the network's multiply-accumulates per image (each layer kind's `macs`) against the CPUs'
 peak float32 rate (`peak_flops`): 2 FLOPs per MAC.
+
+`measure` is that measurement for any way of running a network, zoo's or not: benchmarks/bench_forward.py
+times the peers (torchvision's model exported by torch.onnx, Keras Applications' models) through it, with
+the same process, input, warm-up and clock as zoo's runtimes.
 """
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import re
@@ -133,22 +138,44 @@ def bench(source: str, batches=(1, 32), runtimes=None, seconds: float = 3.0) -> 
         if runtime in missing:
             raise ZooError(f"cannot run {runtime}: {missing[runtime]}")
     chosen = [r for r in (runtimes or RUNTIMES) if r not in missing]
-    flops, how = peak_flops()
-    per_image = macs(found.spec)
-    limit = flops / (2 * per_image)
+    limit, flops, how = limit_of(found.spec)
     with tempfile.TemporaryDirectory(prefix="zoo-bench-") as tmp:
-        spec_file = Path(tmp) / "spec.json"
-        spec_file.write_text(json.dumps(found.spec.to_dict()))
-        rows = [_measure(runtime, batch, found, spec_file, seconds, limit) for runtime in chosen for batch in batches]
-    return {"model": found.spec.id, "source": str(source), "gmacs_per_image": per_image / 1e9, "peak_gflops": flops / 1e9,
+        spec_file = spec_json(found.spec, tmp)
+        rows = [measure(make_job(runtime, batch, spec_file, seconds, found), limit) for runtime in chosen for batch in batches]
+    return {"model": found.spec.id, "source": str(source), "gmacs_per_image": macs(found.spec) / 1e9, "peak_gflops": flops / 1e9,
             "peak_how": how, "rows": [asdict(r) for r in rows]}
 
 
-def _measure(runtime: str, batch: int, found: Target, spec_file: Path, seconds: float, limit: float) -> Row:
-    job = {"runtime": runtime, "batch": batch, "seconds": seconds, "spec": str(spec_file),
-           "weights": str(found.weights or ""), "onnx": str(found.onnx or ""), "savedmodel": str(found.savedmodel or "")}
-    p = subprocess.run([sys.executable, "-c", "import sys, zoo.bench as b; b._child(sys.argv[1])", json.dumps(job)],
-                       capture_output=True, text=True, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"))
+def limit_of(spec: ModelSpec) -> tuple[float, float, str]:
+    """(the arithmetic limit in images/s, the peak FLOP/s it is computed from, how that peak was found)."""
+    flops, how = peak_flops()
+    return flops / (2 * macs(spec)), flops, how
+
+
+def spec_json(spec: ModelSpec, folder) -> Path:
+    """The spec as a file the measuring processes read (a plugin's spec need not be registered there)."""
+    path = Path(folder) / f"{spec.id.replace('@', '_')}.spec.json"
+    path.write_text(json.dumps(spec.to_dict()))
+    return path
+
+
+def make_job(runtime: str, batch: int, spec_file: Path, seconds: float, found: Target | None = None, **more) -> dict:
+    """What one measurement runs: `runtime` (keras, savedmodel, onnx: zoo's; any other name with a
+    `builder="module:function"`, importable from the folders in `path`, which returns the forward as a
+    function of the batch), the batch size, the least timed seconds and, from `found`, the model's files.
+    `layout="NCHW"` hands the builder's forward the batch transposed (outside the clock); `min_calls` is
+    the least number of timed calls (5), `warmup` the untimed calls before them (2)."""
+    return {"runtime": runtime, "batch": batch, "seconds": seconds, "spec": str(spec_file),
+            "weights": str(found and found.weights or ""), "onnx": str(found and found.onnx or ""),
+            "savedmodel": str(found and found.savedmodel or "")} | more
+
+
+def measure(job: dict, limit: float, run=subprocess.run) -> Row:
+    """`job` (see `make_job`) measured in a fresh interpreter, started by `run` (subprocess.run's signature; a
+    benchmark may pass one that waits for quiet CPUs and repeats a disturbed measurement)."""
+    runtime, batch = job["runtime"], job["batch"]
+    p = run([sys.executable, "-c", "import sys, zoo.bench as b; b._child(sys.argv[1])", json.dumps(job)],
+            capture_output=True, text=True, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"))
     line = next((x for x in p.stdout.splitlines() if x.startswith("RESULT ")), None)
     if p.returncode or line is None:
         raise ZooError(f"{runtime} at batch {batch} failed: {(p.stderr.strip().splitlines() or ['no output'])[-1]}")
@@ -165,11 +192,19 @@ def _child(job_json: str) -> None:
     spec = ModelSpec.from_dict(json.loads(Path(job["spec"]).read_text()))
     h, w, c = spec.input_shape
     x = (np.random.default_rng(1).standard_normal((job["batch"], h, w, c), dtype=np.float32) * 60).astype(np.float32)
-    run = {"keras": _keras, "savedmodel": _savedmodel, "onnx": _onnx}[job["runtime"]](job, spec)
-    run(x)
-    run(x)
+    if job.get("builder"):
+        sys.path[:0] = job.get("path", [])
+        module, _, name = job["builder"].partition(":")
+        build = getattr(importlib.import_module(module), name)
+    else:
+        build = {"keras": _keras, "savedmodel": _savedmodel, "onnx": _onnx}[job["runtime"]]
+    if job.get("layout") == "NCHW":
+        x = np.ascontiguousarray(x.transpose(0, 3, 1, 2))
+    run = build(job, spec)
+    for _ in range(job.get("warmup", 2)):
+        run(x)
     times, start = [], time.perf_counter()
-    while len(times) < 5 or (time.perf_counter() - start < job["seconds"] and len(times) < 500):
+    while len(times) < job.get("min_calls", 5) or (time.perf_counter() - start < job["seconds"] and len(times) < 500):
         t = time.perf_counter()
         run(x)
         times.append(time.perf_counter() - t)
@@ -216,14 +251,19 @@ def _savedmodel(job, spec):
 
 
 def _onnx(job, spec):
+    """zoo's ONNX (written from the spec when the job has no file) in the session zoo predicts with; any
+    other ONNX file too (a peer's: its first input and output)."""
     import onnxruntime as ort
+
+    from zoo.backends.onnx import session_options
 
     path = job["onnx"]
     if not path:
         from zoo.backends.onnx import onnx_graph, write_onnx
 
-        path = str(Path(job["spec"]).with_name("model.onnx"))
+        path = str(Path(job["spec"]).with_name(Path(job["spec"]).name.replace(".spec.json", ".onnx")))
         model, inits = onnx_graph(spec, _tensors(job, spec), [str(i) for i in range(spec.num_classes)])
         write_onnx(path, model, inits)
-    session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
-    return lambda x: session.run(["logits"], {"image": x})
+    session = ort.InferenceSession(path, session_options(), providers=["CPUExecutionProvider"])
+    given, wanted = session.get_inputs()[0].name, session.get_outputs()[0].name
+    return lambda x: session.run([wanted], {given: x})

@@ -36,8 +36,10 @@ class OnnxPredictor:
     def __init__(self, path: Path):
         import onnxruntime as ort
 
+        from zoo.backends.onnx import session_options
+
         try:
-            self.session = ort.InferenceSession(str(path), providers=ort.get_available_providers())
+            self.session = ort.InferenceSession(str(path), session_options(), providers=ort.get_available_providers())
         except Exception as e:  # onnxruntime's own errors for a file that is no model (InvalidProtobuf, Fail)
             raise ZooError(f"not a readable ONNX model ({one_line(str(e), 200)})", path) from None
         meta = self.session.get_modelmeta().custom_metadata_map

@@ -21,6 +21,24 @@ from zoo.spec import ModelSpec
 DEFAULT_OPSET = 17
 
 
+def session_options(threads: int | None = None):
+    """The ONNX Runtime session options zoo runs its graphs with (zoo predict, zoo bench): every graph
+    optimisation (ORT_ENABLE_ALL, ONNX Runtime's default: on AVX2/AVX-512 CPUs the convs run in its blocked
+    NCHWc layout, with batch norms, biases and ReLUs folded into them) and as many intra-op threads as the
+    CPUs this process may run on. ONNX Runtime's own default counts the machine's cores: a process confined
+    to fewer (taskset, a container's cpuset) then runs more threads than CPUs, and they spin against each
+    other (ResNet-50, batch 1, confined to one of two cores: 128 ms of CPU a forward instead of 70 ms;
+    docs/performance.md, issue 18)."""
+    import os
+
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.intra_op_num_threads = threads or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+    return options
+
+
 class GraphBuilder:
     """What a layer kind's `onnx()` adds nodes and weights through."""
 
