@@ -42,3 +42,32 @@ def test_bench_refuses_a_runtime_it_cannot_run_in_one_line(cli, narrow_spec, arg
 def test_bench_names_a_missing_file(cli, tmp_path):
     code, _, err = cli("bench", tmp_path / "nothing.onnx")
     assert code == 1 and f"{tmp_path / 'nothing.onnx'}: no such file" in err
+
+
+def test_onnx_sessions_run_as_many_threads_as_the_process_has_cpus():
+    import os
+
+    from zoo.backends.onnx import session_options
+
+    assert session_options().intra_op_num_threads == len(os.sched_getaffinity(0))
+    assert session_options(1).intra_op_num_threads == 1
+
+
+def test_measure_times_a_way_from_outside_zoo_in_the_same_process_and_clock(tmp_path):
+    """benchmarks/bench_forward.py's peers go through zoo.bench.measure with a builder: its forward gets the
+    seeded batch (transposed to NCHW where the job says so) after the warm-up calls."""
+    from zoo.bench import make_job, measure, spec_json
+
+    (tmp_path / "peer_way.py").write_text(
+        "import time\n"
+        "def build(job, spec):\n"
+        "    def forward(x):\n"
+        "        assert x.shape == (job['batch'], 3, *spec.input_shape[:2]), x.shape\n"
+        "        time.sleep(0.01)\n"
+        "    return forward\n")
+    spec = get_spec("alexnet@torchvision")
+    job = make_job("peer", 2, spec_json(spec, tmp_path), 0.05, builder="peer_way:build", path=[str(tmp_path)], layout="NCHW",
+                   min_calls=3, warmup=1)
+    row = measure(job, limit=123.0)
+    assert row.runtime == "peer" and row.batch == 2 and row.calls >= 3 and row.limit_images_per_second == 123.0
+    assert 10 <= row.latency_ms < 1000 and row.images_per_second == pytest.approx(2000 / row.latency_ms)
