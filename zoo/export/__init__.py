@@ -17,7 +17,7 @@ from pathlib import Path
 
 from zoo.backends.onnx import DEFAULT_OPSET
 from zoo.errors import ZooError
-from zoo.export.checks import artifact_metadata, check_batch, compare, open_source, save_reference, stored_reference
+from zoo.export.checks import KerasModel, artifact_metadata, check_batch, compare, open_source, save_reference, stored_reference
 from zoo.export.quantized import calibration_set, export_onnx_int8, export_tflite_int8
 from zoo.export.swap import EXPORTS, recover
 from zoo.export.to_onnx import check_opset, export_onnx
@@ -51,11 +51,7 @@ def export(source, formats=DEFAULT_FORMATS, out=None, opset: int = DEFAULT_OPSET
     out.mkdir(parents=True, exist_ok=True)
     for names in EXPORTS:  # an earlier export killed half-way is whole again before anything is written
         recover(out, list(names))
-    @cache
-    def keras_model(size=None):  # built when first needed: after the ONNX check, so TensorFlow loads only then
-        from zoo.backends.keras import create_model
-
-        return create_model(None, weights=src.weights, include_top=include_top, pooling=pooling, input_size=size)
+    keras_model = KerasModel(src, include_top, pooling)
 
     @cache
     def reference(size=None):  # the trained model's logits stored by zoo finetune where they apply, else Keras'
@@ -68,10 +64,10 @@ def export(source, formats=DEFAULT_FORMATS, out=None, opset: int = DEFAULT_OPSET
         return calibration_set(Path(source), calibration, src.part, keras_model())
 
     steps = {"onnx": lambda: export_onnx(src, out, reference, opset),
-             "savedmodel": lambda: export_savedmodel(src, out, keras_model(), reference()),
-             "keras": lambda: export_keras(src, out, keras_model(), reference()),
-             "tflite": lambda: export_tflite(src, out, keras_model(), reference()),
-             "tflite-int8": lambda: export_tflite_int8(src, out, keras_model(), calibrated()),
+             "savedmodel": lambda: export_savedmodel(src, out, keras_model, reference()),
+             "keras": lambda: export_keras(src, out, keras_model, reference()),
+             "tflite": lambda: export_tflite(src, out, keras_model, reference()),
+             "tflite-int8": lambda: export_tflite_int8(src, out, keras_model, calibrated()),
              "onnx-int8": lambda: export_onnx_int8(src, out, calibrated(), opset)}
     written = []
     with bar(len(formats), f"exporting to {out}", "format") as progress:

@@ -29,6 +29,32 @@ class Source:
         return self.weights.spec
 
 
+class KerasModel:
+    """The Keras model of what is exported, built when first needed (after the ONNX check: TensorFlow loads
+    only then). A TensorFlow format drops it once its file is written and before its check loads that file:
+    model and reloaded file together were 3.6x VGG16's weights for a SavedModel. The next one rebuilds it."""
+
+    def __init__(self, src: Source, include_top: bool, pooling: str | None):
+        self.src, self.include_top, self.pooling, self.built = src, include_top, pooling, {}
+
+    def __call__(self, size=None):
+        if size not in self.built:
+            from zoo.backends.keras import create_model
+
+            self.built[size] = create_model(None, weights=self.src.weights, include_top=self.include_top,
+                                            pooling=self.pooling, input_size=size)
+        return self.built[size]
+
+    def drop(self) -> None:
+        import gc
+
+        import keras
+
+        self.built.clear()
+        keras.backend.clear_session()
+        gc.collect()
+
+
 def category_names(spec: ModelSpec) -> list[str] | None:
     if spec.categories:
         path = Path(__file__).parent / "specs" / f"{spec.categories}.txt"

@@ -12,7 +12,7 @@ import numpy as np
 
 from zoo.backends.onnx import DEFAULT_OPSET, onnx_graph, write_onnx
 from zoo.errors import ZooError
-from zoo.export.checks import Source, artifact_metadata
+from zoo.export.checks import KerasModel, Source, artifact_metadata
 from zoo.export.swap import publish, staged
 from zoo.export.to_tensorflow import tflite_convert
 from zoo.features import Part
@@ -76,7 +76,7 @@ def agreement(name: str, got: np.ndarray, cal: Calibration, where: Path) -> dict
     return stats
 
 
-def export_tflite_int8(src: Source, out: Path, model, cal: Calibration) -> Path:
+def export_tflite_int8(src: Source, out: Path, model: KerasModel, cal: Calibration) -> Path:
     """model-int8.tflite: full-integer post-training quantization (every op int8, int8 input and output),
     calibrated on `cal`; its agreement with the float model goes in model-int8.tflite.json."""
     import tensorflow as tf
@@ -90,7 +90,8 @@ def export_tflite_int8(src: Source, out: Path, model, cal: Calibration) -> Path:
         converter.inference_input_type = converter.inference_output_type = tf.int8
 
     with staged(out, "tflite-int8") as tmp:
-        (tmp / "model-int8.tflite").write_bytes(tflite_convert(model, full_integer))
+        (tmp / "model-int8.tflite").write_bytes(tflite_convert(model(), full_integer))
+        model.drop()
         got = run_tflite(litert(tmp / "model-int8.tflite"), cal.evaluation)
         stats = agreement("the int8 LiteRT model", got, cal, out / "model-int8.tflite")
         return publish(out, tmp, "tflite-int8", artifact_metadata(src) | {"quantization": stats})

@@ -10,12 +10,12 @@ from pathlib import Path
 
 import numpy as np
 
-from zoo.export.checks import Source, artifact_metadata, check_batch, checker
+from zoo.export.checks import KerasModel, Source, artifact_metadata, check_batch, checker
 from zoo.export.swap import publish, staged, swap_in
 from zoo.layers import KINDS
 
 
-def export_savedmodel(src: Source, out: Path, model, reference: np.ndarray | None = None) -> Path:
+def export_savedmodel(src: Source, out: Path, model: KerasModel, reference: np.ndarray | None = None) -> Path:
     import tensorflow as tf
 
     from zoo.preprocess import tf_decode, tf_pixels, tf_scale
@@ -24,9 +24,9 @@ def export_savedmodel(src: Source, out: Path, model, reference: np.ndarray | Non
     h, w = part.size
 
     class Exported(tf.Module):
-        def __init__(self):
+        def __init__(self, keras_model):
             super().__init__()
-            self.model = model
+            self.model = keras_model
             self.classes = tf.constant(src.classes)
             self.class_file = tf.saved_model.Asset(str(out / ".classes.txt"))
             self.zoo_file = tf.saved_model.Asset(str(meta))  # assets/zoo.json: artifact_metadata
@@ -62,9 +62,11 @@ def export_savedmodel(src: Source, out: Path, model, reference: np.ndarray | Non
     meta.parent.mkdir(exist_ok=True)
     meta.write_text(json.dumps(artifact_metadata(src), indent=2) + "\n")
     try:
-        module = Exported()
+        module = Exported(model())
         tf.saved_model.save(module, str(tmp), signatures={"serving_default": module.serve, "serve_rgb": module.serve_rgb,
                                                          "serve_encoded": module.serve_encoded})
+        del module
+        model.drop()
         if reference is not None:
             loaded = tf.saved_model.load(str(tmp))
             got = loaded.signatures["serving_default"](image=tf.constant(check_batch(part)))
@@ -87,13 +89,14 @@ def keras_layers() -> dict:
     return {keras.saving.get_registered_name(cls): cls for kind in KINDS.values() for cls in kind.keras_classes()}
 
 
-def export_keras(src: Source, out: Path, model, reference: np.ndarray) -> Path:
+def export_keras(src: Source, out: Path, model: KerasModel, reference: np.ndarray) -> Path:
     """model.keras, Keras 3's archive of the built model (the spec's layer names), and model.keras.json;
     checked by reloading it with keras.saving.load_model."""
     import keras
 
     with staged(out, "keras") as tmp:
-        model.save(tmp / "model.keras")
+        model().save(tmp / "model.keras")
+        model.drop()
         loaded = keras.saving.load_model(tmp / "model.keras", custom_objects=keras_layers(), compile=False)
         checker(src.part)("the .keras archive (reloaded)", loaded.predict(check_batch(src.part), verbose=0), reference, out / "model.keras")
         del loaded
@@ -113,12 +116,13 @@ def tflite_convert(model, setup=None) -> bytes:
         return converter.convert()
 
 
-def export_tflite(src: Source, out: Path, model, reference: np.ndarray) -> Path:
+def export_tflite(src: Source, out: Path, model: KerasModel, reference: np.ndarray) -> Path:
     """model.tflite (float32) and model.tflite.json, checked by the LiteRT interpreter."""
     from zoo.predict import litert, run_tflite
 
     with staged(out, "tflite") as tmp:
-        (tmp / "model.tflite").write_bytes(tflite_convert(model))
+        (tmp / "model.tflite").write_bytes(tflite_convert(model()))
+        model.drop()
         got = run_tflite(litert(tmp / "model.tflite"), check_batch(src.part))
         checker(src.part)("the LiteRT model (LiteRT interpreter)", got, reference, out / "model.tflite")
         return publish(out, tmp, "tflite", artifact_metadata(src))
