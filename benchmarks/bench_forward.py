@@ -208,6 +208,7 @@ def application_job(family: str, spec_id: str, folder: Path, args) -> dict:
     from zoo.bench import make_job, spec_json
     from zoo.registry import get_spec
 
+    folder.mkdir(parents=True, exist_ok=True)
     spec_file = spec_json(get_spec(spec_id), folder)
     return make_job("keras.applications", 0, spec_file, args.seconds, min_calls=args.calls, builder="bench_forward:keras_application",
                     path=[str(ROOT / "benchmarks")], application=KERAS_APPLICATIONS[family])
@@ -318,6 +319,8 @@ def main():
                         rounds.setdefault((*key, batch), []).append(m)
                         _log(f"  {key[0]} {key[1]} batch {batch} round {r + 1}: {m['images_per_second']:.2f} images/s "
                              f"({m['calls']} calls, {time.perf_counter() - started:.0f} s in)")
+                if args.json:  # so far, should a later family fail
+                    Path(args.json).write_text(json.dumps(results | {"rounds": [{"way": list(k), "rounds": v} for k, v in rounds.items()]}))
                 s = measure(sgemm_job, 1, 1.0, args)
                 results["sgemm"].append(2 * SGEMM_N ** 3 / (s["latency_ms"] / 1000) / 1e9)
                 _log(f"  ONNX Runtime SGEMM {SGEMM_N}: {results['sgemm'][-1]:.0f} GFLOP/s ({time.perf_counter() - started:.0f} s in)")
