@@ -68,7 +68,7 @@ def export_row(version: str, fmt: str, run: Path, work: Path, model_mb: float) -
     seconds, peak, err, code = measured(ZOO + ["export", run, "--format", fmt, "--out", out])
     row = {"version": version, "format": fmt, "seconds": seconds, "peak_mb": peak, "x_model": peak / model_mb if peak else None}
     if code:
-        return row | {"failed": err.strip().splitlines()[-1][:160]}
+        return row | {"failed": [line for line in err.strip().splitlines() if not line.startswith("VmHWM")][-1][:200]}
     checks = [f"{m[3]}{', ' + m[4] if m[4] else ''} ({m[1]}, {m[2]} images)" for m in MATCHES.finditer(err)]
     checks += [f"top-1 agreement {m[2]} ({m[1]}, {m[3]} images)" for m in AGREES.finditer(err)]
     sizes = [f"{size_mb(out / FILES[f]):.1f} MB" for f in fmt.split(",")]

@@ -157,3 +157,29 @@ def test_int8_needs_calibration_images_and_a_classifier(narrow_run, tmp_path, ex
                          "--calibration", example_data / "circle")
     assert code == 0 and "top-1 agreement" in err
     assert metadata(tmp_path / "model-int8.tflite")["quantization"]["images"] == 40
+
+
+def test_int8_litert_runs_a_graph_that_xnnpack_refuses(tmp_path):
+    """LiteRT's default XNNPACK delegate refuses GoogLeNet's full-integer graph ("failed to create XNNPACK
+    runtime", at any batch size; ResNet-50's too): zoo.predict.litert runs it on LiteRT's own kernels."""
+    import keras
+    from ai_edge_litert.interpreter import Interpreter
+    from narrow import register_narrow_specs
+
+    from zoo.backends.keras import build_model
+    from zoo.export import check_batch
+    from zoo.export.quantized import full_integer
+    from zoo.export.to_tensorflow import tflite_convert
+    from zoo.predict import litert, run_tflite
+    from zoo.registry import get_spec
+
+    register_narrow_specs()
+    spec = get_spec("googlenet-narrow@test")
+    keras.utils.set_random_seed(0)
+    x = check_batch(spec, n=6)
+    path = tmp_path / "model-int8.tflite"
+    path.write_bytes(tflite_convert(build_model(spec), full_integer(x)))
+    with pytest.raises(RuntimeError, match="XNNPACK"):  # what this test is about; a LiteRT that takes it makes this fail
+        run_tflite(Interpreter(model_path=str(path)), x)
+    got = run_tflite(litert(path), x)
+    assert got.shape == (6, spec.num_classes) and np.isfinite(got).all()

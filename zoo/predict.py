@@ -78,10 +78,19 @@ def sidecar(path: Path) -> dict:
 
 
 def litert(path: Path):
-    """The LiteRT interpreter (ai-edge-litert) on a .tflite file."""
-    from ai_edge_litert.interpreter import Interpreter
+    """The LiteRT interpreter (ai-edge-litert) on a .tflite file: with its default XNNPACK delegate where that
+    takes the model, else LiteRT's own kernels (XNNPACK refuses some full-integer graphs, such as
+    GoogLeNet's and ResNet-50's: "failed to create XNNPACK runtime", at any batch size)."""
+    from ai_edge_litert.interpreter import Interpreter, OpResolverType
 
-    return Interpreter(model_path=str(path))
+    interpreter = Interpreter(model_path=str(path))
+    try:
+        interpreter.allocate_tensors()
+    except RuntimeError as e:
+        if "XNNPACK" not in str(e):
+            raise
+        interpreter = Interpreter(model_path=str(path), experimental_op_resolver_type=OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES)
+    return interpreter
 
 
 def run_tflite(interpreter, x: np.ndarray) -> np.ndarray:

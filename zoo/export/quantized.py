@@ -76,21 +76,26 @@ def agreement(name: str, got: np.ndarray, cal: Calibration, where: Path) -> dict
     return stats
 
 
-def export_tflite_int8(src: Source, out: Path, model: KerasModel, cal: Calibration) -> Path:
-    """model-int8.tflite: full-integer post-training quantization (every op int8, int8 input and output),
-    calibrated on `cal`; its agreement with the float model goes in model-int8.tflite.json."""
+def full_integer(images: np.ndarray):
+    """The converter settings of full-integer post-training quantization calibrated on `images`."""
     import tensorflow as tf
 
-    from zoo.predict import litert, run_tflite
-
-    def full_integer(converter):
+    def setup(converter):
         converter.optimizations = [tf.lite.Optimize.DEFAULT]
-        converter.representative_dataset = lambda: ([x[None]] for x in cal.images)
+        converter.representative_dataset = lambda: ([x[None]] for x in images)
         converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]  # an op without an int8 kernel fails here
         converter.inference_input_type = converter.inference_output_type = tf.int8
 
+    return setup
+
+
+def export_tflite_int8(src: Source, out: Path, model: KerasModel, cal: Calibration) -> Path:
+    """model-int8.tflite: full-integer post-training quantization (every op int8, int8 input and output),
+    calibrated on `cal`; its agreement with the float model goes in model-int8.tflite.json."""
+    from zoo.predict import litert, run_tflite
+
     with staged(out, "tflite-int8") as tmp:
-        (tmp / "model-int8.tflite").write_bytes(tflite_convert(model(), full_integer))
+        (tmp / "model-int8.tflite").write_bytes(tflite_convert(model(), full_integer(cal.images)))
         model.drop()
         got = run_tflite(litert(tmp / "model-int8.tflite"), cal.evaluation)
         stats = agreement("the int8 LiteRT model", got, cal, out / "model-int8.tflite")
