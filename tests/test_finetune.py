@@ -137,7 +137,8 @@ def test_bad_inputs_one_line_and_no_run_folder(tmp_path, narrow_spec, example_da
 
 @pytest.mark.slow
 def test_mirrored_over_two_cpu_devices_matches_single_device(tmp_path, narrow_spec, example_data):
-    """Two logical CPUs must be configured before TensorFlow starts: run in a fresh interpreter."""
+    """Two logical CPUs must be configured before TensorFlow starts: run in a fresh interpreter. The same process then
+    trains every optimizer zoo offers under the same MirroredStrategy (tests/strategy_matrix.py)."""
     script = f"""
 import sys, json
 sys.path.insert(0, {str(TESTS)!r})
