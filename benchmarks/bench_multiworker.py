@@ -3,6 +3,7 @@ thread each (zoo launch 2, MultiWorkerMirroredStrategy over loopback), the commu
 paper estimate of 8 workers.
 
     .venv/bin/python benchmarks/bench_multiworker.py [--per-class 100] [--batch 32] [--epochs 3] [--train fc7,fc8] [--repeat 2]
+        [--only 1w2t,2w1t,1w1t,ar] [--runs runs.jsonl] [--json summary.json]
 
 The job: full-size alexnet@bvlc, seeded random weights (`--weights random`), the built-in example images (256x256,
 2 classes, 80% for training), `--train fc7,fc8 --cache-features off --no-augment`: every step runs the whole
@@ -141,6 +142,9 @@ def ring(n: int, latency: float, bandwidth: float, size: int) -> float:
     return 2 * (n - 1) * latency + 2 * (n - 1) / n * size / bandwidth
 
 
+KINDS = ("1w2t", "2w1t", "1w1t", "ar")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--per-class", type=int, default=100, help="example images a class (80%% train)")
@@ -148,27 +152,45 @@ def main():
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--train", default="fc7,fc8")
     parser.add_argument("--repeat", type=int, default=2)
+    parser.add_argument("--only", default=",".join(KINDS), help="the measurements to make (default: all)")
     parser.add_argument("--patience", type=float, default=120, help="seconds to wait for quiet CPUs before a run")
     parser.add_argument("--tries", type=int, default=3, help="runs of a measurement while other processes take the CPUs")
-    parser.add_argument("--json", help="also write the results here")
+    parser.add_argument("--runs", help="a JSON-lines file each run is appended to, and the summary read from (runs of "
+                        "earlier calls with the same settings included): measure at quiet moments, a kind at a time")
+    parser.add_argument("--max-foreign", type=float, default=0.10, help="summarize only runs during which other "
+                        "processes took at most this share of the CPUs, where a kind has any")
+    parser.add_argument("--json", help="also write the summary here")
     args = parser.parse_args()
+    settings = {k: getattr(args, k) for k in ("per_class", "batch", "epochs", "train")}
 
     from zoo.example import make_example
 
+    earlier = [json.loads(line) for line in open(args.runs)] if args.runs and os.path.exists(args.runs) else []
+    runs = {k: [r for r in earlier if r["kind"] == k and r["settings"] == settings] for k in KINDS}
     work = Path(tempfile.mkdtemp(prefix="bench-mw-"))
     try:
         data = make_example(work / "data", per_class=args.per_class, size=256)
-        runs = {k: [] for k in ("1w2t", "2w1t", "1w1t", "ar")}
         for i in range(args.repeat):
-            for kind in runs:
-                runs[kind].append(run(kind, data, work, args))
+            for kind in args.only.split(","):
+                runs[kind].append(run(kind, data, work, args) | {"kind": kind, "settings": settings})
                 print(f"[{i + 1}/{args.repeat}] {kind}: {runs[kind][-1]}", file=sys.stderr, flush=True)
+                if args.runs:
+                    with open(args.runs, "a") as f:
+                        f.write(json.dumps(runs[kind][-1]) + "\n")
     finally:
         shutil.rmtree(work, ignore_errors=True)
+    missing = [k for k in KINDS if not runs[k]]
+    if missing:
+        print(f"no runs of {', '.join(missing)} yet: no summary", file=sys.stderr)
+        return
+    summarize(runs, args)
 
-    med = {k: statistics.median(r["images_per_second"] for r in runs[k]) for k in ("1w2t", "2w1t", "1w1t")}
-    ar = {k: statistics.median(r[k] for r in runs["ar"]) for k in ("seconds", "tiny_seconds")}
-    size = runs["ar"][0]["bytes"]
+
+def summarize(runs: dict, args) -> None:
+    kept = {k: [r for r in rs if r["foreign_share"] <= args.max_foreign] or rs for k, rs in runs.items()}
+    med = {k: statistics.median(r["images_per_second"] for r in kept[k]) for k in ("1w2t", "2w1t", "1w1t")}
+    ar = {k: statistics.median(r[k] for r in kept["ar"]) for k in ("seconds", "tiny_seconds")}
+    size = kept["ar"][0]["bytes"]
     step_2w = args.batch / med["2w1t"]
     compute = (args.batch // 2) / med["1w1t"]  # one worker's half of the global batch, no collective
     latency = ar["tiny_seconds"] / 2
@@ -182,8 +204,11 @@ def main():
                        "efficiency": compute / step}
         estimate[name] = rows
     summary = {
-        "settings": vars(args) | {"model": "alexnet@bvlc", "trained": args.train, "gradient_bytes": size},
-        "runs": runs, "images_per_second": med,
+        "settings": {"model": "alexnet@bvlc", "trained": args.train, "gradient_bytes": size, "per_class": args.per_class,
+                     "batch": args.batch, "epochs": args.epochs, "max_foreign": args.max_foreign},
+        "runs_kept": {k: [{x: r[x] for x in r if x not in ("kind", "settings")} for r in rs] for k, rs in kept.items()},
+        "runs_dropped": {k: len(runs[k]) - len(kept[k]) for k in runs},
+        "images_per_second": med,
         "two_workers_vs_one": med["2w1t"] / med["1w2t"],
         "step_seconds": {"2w1t": step_2w, "1w1t_half_batch": compute, "1w2t": args.batch / med["1w2t"]},
         "allreduce_seconds": ar["seconds"], "allreduce_tiny_seconds": ar["tiny_seconds"],
