@@ -105,8 +105,8 @@ def writes_to(strat, run: Path, index: int):
     from zoo.weights import atomic_output, remove_stale_temps
 
     temp = Path(tempfile.gettempdir())
-    remove_stale_temps(temp)
     if is_chief(strat):
+        remove_stale_temps(temp)  # the other workers' atomic_output does it for them
         yield run
         return
     scratch = atomic_output(temp / f"zoo-worker{index}")  # .zoo-worker<index>.<pid>.<random>.tmp
