@@ -66,14 +66,17 @@ def test_progress_is_quiet_for_short_work_and_plain_lines_off_a_terminal(capsys,
     assert lines[-1].startswith("slow: 100%") and "6/6" in lines[-1]
 
 
-def test_finetune_json_is_the_whole_stdout(cli, tmp_path, narrow_spec, example_data):
+def test_finetune_json_is_the_whole_stdout(cli, tmp_path, narrow_spec, example_data, monkeypatch):
     import json
 
+    monkeypatch.setattr(progress, "LOG_EVERY", 0.0)  # a plain progress line from the first update: the frozen-feature pass's
     code, out, err = cli("finetune", narrow_spec.id, "--weights", "random", "--data", example_data, "--head", "2", "--train", "fc8",
                          "--epochs", "1", "--batch-size", "8", "--no-augment", "--out", tmp_path / "run", "--json")
     assert code == 0, err
     assert json.loads(out)["trained_layers"] == ["fc8"]  # progress and messages went to stderr
     assert "epoch 1/1" in err and "zoo: fine-tuning" in err
+    for images, n in (("training", 64), ("validation", 16)):  # the frozen conv1..fc7 pass, run once before training
+        assert f"frozen layers, {images} images: 100%" in err and f" {n}/{n} " in err, err
     code, out, _ = cli("verify", tmp_path / "run" / "weights.safetensors")
     assert code == 0 and out.rstrip().endswith(f"fine-tuned from {narrow_spec.id} for circle, square")
     code, out, _ = cli("verify", tmp_path / "run" / "checkpoints" / "best.safetensors")

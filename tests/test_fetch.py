@@ -189,6 +189,20 @@ def test_a_whole_part_file_and_a_server_ignoring_range(cli, published, made, tmp
     assert code == 0 and len(stored(tmp_path)) == 1, err
 
 
+def test_download_progress_is_on_stderr_and_json_the_whole_stdout(cli, published, made, monkeypatch):
+    import json
+
+    from zoo import progress
+
+    monkeypatch.setattr(progress, "LOG_EVERY", 0.0)  # a plain line from the first update, as a long download gets
+    code, out, err = cli("fetch", "fetchnet", "--json")
+    assert code == 0, err
+    assert json.loads(out)["downloaded"] is True
+    lines = [line for line in err.splitlines() if line.startswith(f"downloading {published}:")]
+    assert "\r" not in err and lines and "100%" in lines[-1] and "B/s" in lines[-1], err
+    assert f"converting {published}: 100%" in err  # named by the source, not by the store's temporary file
+
+
 def test_404_is_one_line_and_leaves_nothing(cli, published, tmp_path):
     del Server.files[f"/models/{published}"]
     code, out, err = cli("fetch", "fetchnet")

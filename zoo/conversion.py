@@ -130,7 +130,7 @@ def _write(path, output, requested, imported, info, reader, digest) -> ConvertRe
         "notes": json.dumps(imported.notes),
     }
     total = sum(int(np.prod(t.shape)) * np.dtype(t.dtype).itemsize for t in tensors.values())
-    with bar(total, f"writing {output.name}", "B") as progress:
+    with bar(total, f"converting {path.name}", "B") as progress:  # the source: a store's output has a temporary name
         save_weights(output, target, tensors, metadata, pending_digests={"source_sha256": digest} if digest else {},
                      on_written=progress.update)
     sha256 = digest.result() if digest else None
