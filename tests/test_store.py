@@ -1,6 +1,10 @@
 """The weights store: `zoo convert --store`, `zoo weights` (list, show, rm), stored names wherever weights are
 taken (finetune, create_model, predict), and writes that concurrent writers cannot corrupt."""
 
+import hashlib
+import os
+import subprocess
+import sys
 import threading
 
 import numpy as np
@@ -52,6 +56,7 @@ def test_convert_store_then_list_show_rm(cli, home, tmp_path):
     assert code == 0 and "note: stored as storednet@v1/mine" in out, err
     entry = store.one("storednet@v1/mine")
     assert entry.path.parent.name == entry.metadata["fingerprint"] and entry.path.parent.parent.name == "storednet@v1"
+    assert entry.metadata["source_sha256"] == hashlib.sha256((tmp_path / "mine.npy").read_bytes()).hexdigest()  # without --sha256
     assert not (tmp_path / "mine.safetensors").exists()
     code, out, _ = cli("weights")
     assert code == 0 and out.startswith(f"{home}: 1 stored weights file(s)") and "storednet@v1/mine" in out and "from mine.npy" in out
@@ -123,6 +128,18 @@ def test_finetune_takes_the_stored_weights_or_says_how_to_get_them(cli, home, tm
 
     before, after = load_weights(entry.path).tensors, load_weights(tmp_path / "run" / "weights.safetensors").tensors
     assert np.array_equal(before["conv1.kernel"], after["conv1.kernel"])  # frozen: the stored weights, bit for bit
+
+
+def test_finetune_alexnet_without_stored_weights_says_so_in_one_line(tmp_path, example_data):
+    """As a user runs it: a fresh process, alexnet's default version, an empty store. The line comes before
+    TensorFlow starts (its import prints lines of its own on stderr)."""
+    env = dict(os.environ, ZOO_HOME=str(tmp_path / "home"))
+    done = subprocess.run([sys.executable, "-m", "zoo", "finetune", "alexnet", "--head", "2", "--data", str(example_data),
+                           "--out", str(tmp_path / "run")], capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 1 and done.stderr.splitlines() == [
+        "zoo: error: no stored weights for alexnet@bvlc: `zoo fetch alexnet@bvlc` downloads the published ones, "
+        "`zoo convert FILE --store` stores yours; or pass --weights FILE, or --weights random"], done.stderr
+    assert not (tmp_path / "run").exists()
 
 
 def test_random_initialisation_only_by_name(home, example_data, tmp_path, capsys):

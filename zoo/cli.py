@@ -469,8 +469,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", help="output path (default: FILE's stem + .safetensors)")
     p.add_argument("--spec", help="the spec the weights are for (default: the one whose tensors match)").completer = _spec_names
     p.add_argument("--map", help="JSON file mapping the file's layer names to the spec's")
-    p.add_argument("--sha256", action="store_true", help="record the source's sha256 (done anyway when its name can be "
-                   "checked: torch hub's hash prefix, a published file's name)")
+    p.add_argument("--sha256", action="store_true", help="record the source's sha256 (done anyway with --store, and when its "
+                   "name can be checked: torch hub's hash prefix, a published file's name)")
     p.add_argument("--store", action="store_true", help="keep the result in the weights store (zoo weights), not beside FILE")
 
     p = _command(sub, "verify", cmd_verify, "re-check a weights file against its spec", "zoo verify bvlc_alexnet.safetensors")

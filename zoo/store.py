@@ -124,13 +124,14 @@ def incoming() -> Path:
 
 
 def add(source_path, **convert_options) -> tuple[object, Entry]:
-    """Convert a foreign file (zoo.conversion.convert's options) into the store: (ConvertResult, Entry)."""
+    """Convert a foreign file (zoo.conversion.convert's options) into the store, the source's sha256 recorded:
+    (ConvertResult, Entry)."""
     from zoo.conversion import convert
 
     incoming().mkdir(parents=True, exist_ok=True)
     temp = atomic_output(incoming() / Path(source_path).name).with_suffix(".safetensors")
     try:
-        result = convert(source_path, output=temp, **convert_options)
+        result = convert(source_path, output=temp, **(convert_options | {"sha256": True}))  # a stored file names its source's hash
         metadata = read_header(temp)
         stem = Path(source_path).name.split(".")[0]
         path = home() / "weights" / metadata["spec"] / metadata["fingerprint"] / f"{stem}.safetensors"

@@ -19,10 +19,14 @@ FLOAT32_KINDS = ("lrn",)
 
 def finetune(config: FinetuneConfig | None = None, **overrides) -> FinetuneResult:
     """Fine-tune as `config` (or FinetuneConfig's defaults) with `overrides` says; see zoo.finetune.config."""
+    from zoo import store
+
+    cfg = configure(config, overrides)
+    store.resolve(cfg.weights, cfg.model)  # weights not stored: one line, before TensorFlow starts and prints its own
+
     from zoo.finetune import distributed
     from zoo.finetune.checkpoints import lock_run
 
-    cfg = configure(config, overrides)
     strat = distributed.strategy(cfg.strategy)
     plan = make_plan(cfg)
     distributed.agree(strat, plan.cfg)  # every worker has planned: only now may the chief write
