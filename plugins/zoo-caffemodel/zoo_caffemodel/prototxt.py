@@ -11,19 +11,22 @@ from functools import cache
 from importlib.resources import files
 from pathlib import Path
 
-from google.protobuf import descriptor_pb2, descriptor_pool, message_factory, text_format
-
 from zoo.errors import ZooError
 
 
 @cache
 def message_class(name: str):
     """The protobuf class of Caffe's message `name` (NetParameter, LayerParameter, ...)."""
+    from google.protobuf import message_factory
+
     return message_factory.GetMessageClass(_pool().FindMessageTypeByName(f"caffe.{name}"))
 
 
 @cache
 def _pool():
+    # protobuf is imported when a prototxt is read, not with the plugin: ~30 ms of every `zoo convert`
+    from google.protobuf import descriptor_pb2, descriptor_pool
+
     pool = descriptor_pool.DescriptorPool()
     pool.Add(descriptor_pb2.FileDescriptorProto.FromString(files(__package__).joinpath("caffe.proto.pb").read_bytes()))
     return pool
@@ -31,6 +34,8 @@ def _pool():
 
 def parse(text: str, path=None):
     """A prototxt's NetParameter message."""
+    from google.protobuf import text_format
+
     try:
         return text_format.Parse(text, message_class("NetParameter")())
     except text_format.ParseError as e:
