@@ -118,10 +118,10 @@ MISTAKES = [
     ("predict {t}/badclasses.safetensors {t}/img.png", "{t}/badclasses.safetensors"),
     ("features tiny@test {t}/img.png -o {t}/folder", "{t}/folder"),
     ("features tiny@test {t}/img.png -o {t}/nowhere/f.npy", "{t}/nowhere"),
-    ("features tiny@test {t}/missing.png -o {t}/f.npy", "{t}/missing.png"),
+    ("features tiny@test {t}/missing.png -o {t}/f.npy --weights random", "{t}/missing.png"),
     ("features tiny@test {t}/img.png -o {t}/f.npy --weights {t}/missing.safetensors", "{t}/missing.safetensors"),
-    ("features tiny@test {t}/huge.png -o {t}/f.npy", "{t}/huge.png: over the 89,478,485-pixel limit"),
-    ("features tiny@test {t}/img.png -o {t}/f.npy --batch-size 0", "batch size is 1 or more, not 0"),
+    ("features tiny@test {t}/huge.png -o {t}/f.npy --weights random", "{t}/huge.png: over the 89,478,485-pixel limit"),
+    ("features tiny@test {t}/img.png -o {t}/f.npy --batch-size 0 --weights random", "batch size is 1 or more, not 0"),
     ("bench {t}/missing.onnx", "{t}/missing.onnx"),
     ("bench {t}/w.safetensors --batch 0", "batch sizes are 1 or more"),
     ("bench {t}/w.safetensors --batch x", "--batch"),
@@ -146,7 +146,7 @@ MISTAKES = [
 FULL_DISK = [
     ("convert {t}/w.npy -o {t}/full.safetensors", "{t}/full.safetensors"),
     ("export {t}/w.safetensors --format onnx --out {t}/out", "{t}/out"),
-    ("features tiny@test {t}/img.png --layer conv1 -o {t}/f.npy", "{t}/f.npy"),
+    ("features tiny@test {t}/img.png --layer conv1 -o {t}/f.npy --weights random", "{t}/f.npy"),
 ]
 USAGE = ["list extra", "plugins extra", "completion tcsh", "weights frobnicate", "convert", "export {t}/w.safetensors --opset x"]
 

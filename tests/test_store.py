@@ -1,5 +1,5 @@
 """The weights store: `zoo convert --store`, `zoo weights` (list, show, rm), stored names wherever weights are
-taken (finetune, create_model, predict), and writes that concurrent writers cannot corrupt."""
+taken (finetune, features, create_model, predict, export, verify, bench), and writes that concurrent writers cannot corrupt."""
 
 import hashlib
 import os
@@ -162,3 +162,70 @@ def test_create_model_and_predict_take_stored_names(cli, home, tmp_path, example
     assert zoo.create_model("storednet", weights="random").count_params() == model.count_params()
     code, out, err = cli("predict", "storednet@v1/storednet", example_data / "circle", "--top", "1")
     assert code == 0 and out.count("circle_") >= 1, err
+
+
+def test_verify_and_bench_take_stored_names(cli, home, tmp_path):
+    import json
+
+    code, _, err = cli("verify", "storednet@v1/storednet")
+    assert code == 1 and err.strip() == "zoo: error: storednet@v1/storednet: nothing stored under this name (zoo weights lists what is)"
+    _, entry = store.add(tmp_path / "storednet.npy", spec="storednet@v1")
+    for name in ("storednet@v1/storednet", "storednet@v1", "storednet"):
+        code, out, err = cli("verify", name)
+        assert code == 0 and out.startswith(f"ok: {entry.path} holds every tensor of storednet@v1 (10 classes"), (name, err)
+    code, out, _ = cli("verify", "storednet@v1/storednet", "--json")
+    assert code == 0 and json.loads(out)["file"] == str(entry.path)
+    bench = ("--runtimes", "keras", "--batch", "1", "--seconds", "0.05", "--json")
+    code, out, err = cli("bench", "storednet@v1/storednet", *bench)
+    assert code == 0, err
+    result = json.loads(out)
+    assert result["model"] == "storednet@v1" and result["source"] == str(entry.path) and [r["runtime"] for r in result["rows"]] == ["keras"]
+    code, out, err = cli("bench", "storednet@v1", *bench)  # a spec's name stays its architecture with seeded weights
+    assert code == 0 and json.loads(out)["source"] == "storednet@v1", err
+    code, _, err = cli("bench", "storednet@v1/nope", *bench)
+    assert code == 1 and err.strip() == "zoo: error: storednet@v1/nope: nothing stored under this name (zoo weights lists what is)"
+
+
+def test_export_takes_a_stored_name(cli, home, tmp_path):
+    import onnxruntime as ort
+
+    import zoo
+
+    _, entry = store.add(tmp_path / "storednet.npy", spec="storednet@v1")
+    code, out, err = cli("export", "storednet@v1/storednet", "--format", "onnx", "--out", tmp_path / "exported")
+    assert code == 0 and f"exported {tmp_path / 'exported' / 'model.onnx'}" in out, err
+    x = np.random.default_rng(1).uniform(0, 255, (2, 32, 32, 3)).astype(np.float32)
+    session = ort.InferenceSession(str(tmp_path / "exported" / "model.onnx"))
+    (got,) = session.run(["logits"], {"image": x})
+    want = np.asarray(zoo.create_model("storednet", weights=entry.path)(x, training=False))
+    assert np.abs(got - want).max() <= 1e-4 * np.abs(want).max()  # the stored file's weights, not another's
+
+
+def test_features_take_the_stored_weights_or_say_how_to_get_them(cli, home, tmp_path, example_data):
+    args = ("features", "storednet", example_data / "circle", "--layer", "fc7", "--batch-size", "16")
+    code, out, err = cli(*args, "-o", tmp_path / "none.npy")
+    assert code == 1 and out == "" and err.strip().splitlines() == [
+        "zoo: error: no stored weights for storednet@v1: `zoo fetch storednet@v1` downloads the published ones, "
+        "`zoo convert FILE --store` stores yours; or pass --weights FILE, or --weights random"]
+    assert not (tmp_path / "none.npy").exists()
+    _, entry = store.add(tmp_path / "storednet.npy", spec="storednet@v1")
+    code, out, err = cli(*args, "-o", tmp_path / "stored.npy")
+    assert code == 0 and f"zoo: features of the stored weights {entry.path}" in err and "random" not in err, err
+    stored = np.load(tmp_path / "stored.npy")
+    code, _, err = cli(*args, "--weights", entry.path, "-o", tmp_path / "file.npy")
+    assert code == 0 and "stored weights" not in err, err
+    np.testing.assert_array_equal(stored, np.load(tmp_path / "file.npy"))  # the stored file's features
+    code, _, err = cli(*args, "--weights", "random", "-o", tmp_path / "random.npy")
+    assert code == 0 and "zoo: note: --weights random: features of randomly initialised layers" in err, err
+    assert not np.allclose(stored, np.load(tmp_path / "random.npy"))
+
+
+def test_features_of_alexnet_without_stored_weights_says_so_in_one_line(tmp_path, example_data):
+    """As a user runs it, as fine-tuning does: a fresh process, an empty store, the line before TensorFlow starts."""
+    env = dict(os.environ, ZOO_HOME=str(tmp_path / "home"))
+    done = subprocess.run([sys.executable, "-m", "zoo", "features", "alexnet", str(example_data / "circle"), "-o", str(tmp_path / "f.npy")],
+                          capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 1 and done.stderr.splitlines() == [
+        "zoo: error: no stored weights for alexnet@bvlc: `zoo fetch alexnet@bvlc` downloads the published ones, "
+        "`zoo convert FILE --store` stores yours; or pass --weights FILE, or --weights random"], done.stderr
+    assert not (tmp_path / "f.npy").exists()

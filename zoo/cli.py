@@ -156,13 +156,14 @@ def _stored(path, kwargs) -> dict:
 def cmd_verify(args):
     from zoo.registry import load_weights
 
-    w = load_weights(args.file)
-    report = {"file": str(args.file), "ok": True, "spec": w.spec.id, "fingerprint": w.spec.fingerprint,
+    file = _weights_file(args.file)
+    w = load_weights(file)
+    report = {"file": str(file), "ok": True, "spec": w.spec.id, "fingerprint": w.spec.fingerprint,
               "num_classes": w.spec.num_classes, "num_params": w.spec.num_params, "metadata": w.metadata}
     if args.json:
         _print_json(report)
     else:
-        print(f"ok: {args.file} holds every tensor of {w.spec.id} ({w.spec.num_classes} classes, fingerprint "
+        print(f"ok: {file} holds every tensor of {w.spec.id} ({w.spec.num_classes} classes, fingerprint "
               f"{w.spec.fingerprint}) with the right shapes and dtypes, all finite; {_origin(w)}")
     return 0
 
@@ -233,10 +234,14 @@ def cmd_launch(args):
     return launch(args.workers, command)
 
 
-def _weights_file(name: str):
-    """A stored weights name (zoo weights) as its file; an existing file or folder as it is."""
+def _weights_file(name: str, spec_names: bool = True):
+    """A stored weights name (zoo weights) as its file; an existing file or folder as it is. A spec's name
+    (`alexnet`, `alexnet@bvlc`) is its preferred stored file, or with `spec_names=False` left as it is (zoo bench's
+    seeded architecture): then only a stored file's full name (`alexnet@bvlc/bvlc_alexnet`) is looked up."""
     from zoo import store
 
+    if not spec_names and "/" not in name:
+        return name
     return store.resolve(name, None) or name
 
 
@@ -283,15 +288,18 @@ def cmd_predict(args):
 
 
 def cmd_features(args):
+    from zoo import store
     from zoo.features import extract, outputs, write
 
     for path in outputs(args.output):  # a wrong name or place is refused before the work
         check_output_location(path)
-    feats, paths = extract(args.model, args.images, layer=args.layer, weights=args.weights, batch_size=args.batch_size,
+    # as zoo finetune: the spec's stored weights by default, named; none stored is one line, before TensorFlow starts
+    weights = store.take(args.weights or store.STORED, args.model, "features of")
+    feats, paths = extract(args.model, args.images, layer=args.layer, weights=weights, batch_size=args.batch_size,
                            pooling=args.pooling, input_size=args.input_size)
     npy, txt = write(args.output, feats, paths)
-    if args.weights is None:  # said of what was written: a failure stays one line
-        print("zoo: note: no --weights: features of randomly initialised layers", file=sys.stderr)
+    if weights is None:  # --weights random; said of what was written: a failure stays one line
+        print("zoo: note: --weights random: features of randomly initialised layers, not pretrained weights", file=sys.stderr)
     if args.json:
         _print_json({"features": str(npy), "paths": str(txt), "shape": list(feats.shape)})
     else:
@@ -326,7 +334,7 @@ def cmd_bench(args):
         batches = [int(b) for b in args.batch.split(",")]
     except ValueError:
         raise ZooError(f"--batch takes whole numbers, comma-separated, not {args.batch!r}") from None
-    result = bench(args.model, batches=batches,
+    result = bench(str(_weights_file(args.model, spec_names=False)), batches=batches,
                    runtimes=[r.strip() for r in args.runtimes.split(",")] if args.runtimes else None, seconds=args.seconds)
     if args.json:
         _print_json(result)
@@ -474,7 +482,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--store", action="store_true", help="keep the result in the weights store (zoo weights), not beside FILE")
 
     p = _command(sub, "verify", cmd_verify, "re-check a weights file against its spec", "zoo verify bvlc_alexnet.safetensors")
-    p.add_argument("file")
+    p.add_argument("file", help="verified .safetensors, or stored weights' name (zoo weights)")
 
     p = _command(sub, "finetune", cmd_finetune, "fine-tune a model on an image folder or list files",
                  "zoo finetune alexnet --head 2 --weights bvlc_alexnet.safetensors --data photos/ --train fc7,fc8")
@@ -511,7 +519,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("images", nargs="+", help="image files or folders (searched with their sub-folders)")
     p.add_argument("-o", "--output", required=True, help="features file, .npy; the image paths go beside it as .txt, in row order")
     p.add_argument("--layer", help="the layer (or a module's dotted prefix, `layer3`) whose output to write (default: the trunk's)")
-    p.add_argument("--weights", help="verified .safetensors (default: random initialisation)")
+    p.add_argument("--weights", help="verified .safetensors, stored weights' name (zoo weights) or `random` "
+                   "(default: the spec's stored weights, as zoo finetune)")
     p.add_argument("--pooling", choices=POOLINGS, help="global pooling of a spatial output: one value per channel")
     p.add_argument("--input-size", type=_size, metavar="HxW", help="input size, where the layers allow it (default: the spec's)")
     p.add_argument("--batch-size", type=int, default=32)
@@ -522,7 +531,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = _command(sub, "bench", cmd_bench, "forward speed in each runtime (Keras, SavedModel, ONNX Runtime) against the CPU's arithmetic limit",
                  "zoo bench runs/finetune --batch 1,32   (or a spec: zoo bench resnet50@torchvision --runtimes onnx)")
-    p.add_argument("model", help="a spec (seeded weights), weights file, run folder, export folder, model.onnx or SavedModel").completer = _spec_names
+    p.add_argument("model", help="a spec (seeded weights), weights file, stored weights' full name (family@version/file, "
+                   "as zoo weights lists it), run folder, export folder, model.onnx or SavedModel").completer = _spec_names
     p.add_argument("--batch", default="1,32", help="batch sizes, comma-separated (default 1,32)")
     p.add_argument("--runtimes", help="comma-separated: keras, savedmodel, onnx (default: every one the model can run in)")
     p.add_argument("--seconds", type=float, default=3.0, help="least timed seconds per measurement (default 3)")

@@ -13,6 +13,7 @@ writers of one entry leave one of their complete files.
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -116,6 +117,15 @@ def resolve(weights, model) -> object:
     except ZooError:
         raise ZooError("no such file, nor stored weights of that name (zoo weights lists them)", weights) from None
     return one(name).path if "/" in name else preferred(spec).path
+
+
+def take(weights, model, doing: str) -> object:
+    """resolve(), for a command that takes weights (zoo finetune, zoo features): when a name (or "stored") stood
+    for a stored file, it says which one on stderr, `zoo: <doing> the stored weights <file>`."""
+    path = resolve(weights, model)
+    if path is not None and str(path) != str(weights):
+        print(f"zoo: {doing} the stored weights {path}", file=sys.stderr, flush=True)
+    return path
 
 
 def incoming() -> Path:

@@ -54,9 +54,7 @@ def make_plan(cfg: FinetuneConfig) -> Plan:
 
     run = Path(cfg.out)
     state = resume_state(cfg, run)  # a wrong --out is refused before anything is said or read
-    path = store.resolve(cfg.weights, cfg.model)
-    if path is not None and str(path) != cfg.weights:
-        say(f"starting from the stored weights {path}")
+    path = store.take(cfg.weights, cfg.model, "starting from")
     # config.json records the file itself: --resume and the report take the same one whatever the store holds by then
     cfg = replace(cfg, weights=str(path) if path is not None else None)
     weights = load_weights(path) if path is not None else None
