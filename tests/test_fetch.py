@@ -1,5 +1,5 @@
 """`zoo fetch` against a local HTTP server (127.0.0.1, a thread) that serves files made by the real tools
-(torch.save, np.save) and misbehaves on request: wrong bytes, a short body, a dropped connection, 404, Range
+(torch.save, np.save, protobuf's .caffemodel) and misbehaves on request: wrong bytes, a short body, a dropped connection, 404, Range
 ignored. A test-only spec lists them as its published files."""
 
 import hashlib
@@ -8,6 +8,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
 import pytest
+from caffe_proto import write_caffemodel
 from conftest import NARROW_SPEC
 
 from zoo.spec import ModelSpec
@@ -67,8 +68,8 @@ def torch_state_dict(spec: ModelSpec, seed: int) -> dict:
 
 @pytest.fixture(scope="module")
 def made(module_folder):
-    """{file name: bytes}: a torch hub-style .pth (its sha256 prefix in its name), another .pth (the wrong file)
-    and a caffe-tensorflow .npy."""
+    """{file name: bytes}: a torch hub-style .pth (its sha256 prefix in its name), another .pth (the wrong file),
+    a caffe-tensorflow .npy and a .caffemodel in Caffe's V1 layout (protobuf, tests/caffe_proto.py)."""
     import torch
 
     folder, spec = module_folder("made"), ModelSpec.from_dict(SPEC)
@@ -80,22 +81,28 @@ def made(module_folder):
         layer, param = name.rsplit(".", 1)
         layers.setdefault(layer, {})["weights" if param == "kernel" else "biases"] = rng.normal(size=t.shape).astype(np.float32)
     np.save(folder / "fetchnet.npy", layers)
+    caffe = {n: (t.numpy(), state[n.replace("weight", "bias")].numpy())  # Caffe's layouts are torch's: OIHW, (out, in)
+             for state in [torch_state_dict(spec, 2)] for n, t in state.items() if n.endswith(".weight")}
+    write_caffemodel(folder / "fetchnet.caffemodel", {n.split(".")[0]: wb for n, wb in caffe.items()},
+                     groups={"conv2": 2}, v1=True, name="fetchnet")  # V1 layers, as the BVLC files were written
     good = (folder / "a.pth").read_bytes()
     return {f"fetchnet-{hashlib.sha256(good).hexdigest()[:8]}.pth": good, "other.pth": (folder / "other.pth").read_bytes(),
-            "fetchnet.npy": (folder / "fetchnet.npy").read_bytes()}
+            "fetchnet.npy": (folder / "fetchnet.npy").read_bytes(), "fetchnet.caffemodel": (folder / "fetchnet.caffemodel").read_bytes()}
 
 
 @pytest.fixture
 def published(server, made, tmp_path, monkeypatch):
     """The test spec registered with its published files at `URL/models/<file>`: the .pth (sha256 prefix), the .npy
-    (md5, as Keras publishes) and the .npy again under a name with no published hash; an empty store."""
+    (md5, as Keras publishes), the .npy again under a name with no published hash and the .caffemodel (sha1, as the
+    BVLC model zoo publishes); an empty store."""
     from zoo.hookspecs import hookimpl
     from zoo.plugins import get_plugins
 
     pth = next(name for name in made if name.startswith("fetchnet-"))
     npy = made["fetchnet.npy"]
     files = {pth: {"sha256_prefix": pth[9:17], "source": "torch"}, "fetchnet.npy": {"md5": hashlib.md5(npy).hexdigest(), "source": "caffe"},
-             "unhashed.npy": {"hash": "unknown", "source": "caffe"}}
+             "unhashed.npy": {"hash": "unknown", "source": "caffe"},
+             "fetchnet.caffemodel": {"sha1": hashlib.sha1(made["fetchnet.caffemodel"]).hexdigest(), "source": "caffemodel"}}
     spec = dict(SPEC, provenance={"reference_files": {name: entry | {"url": f"{server}/models/{name}", "license": "test"}
                                                       for name, entry in files.items()}})
 
@@ -105,7 +112,8 @@ def published(server, made, tmp_path, monkeypatch):
             return [spec]
 
     get_plugins().register(Plugin(), name="fetch-test-specs")
-    Server.files = {f"/models/{pth}": made[pth], "/models/fetchnet.npy": npy, "/models/unhashed.npy": npy}
+    Server.files = {f"/models/{pth}": made[pth], "/models/fetchnet.npy": npy, "/models/unhashed.npy": npy,
+                    "/models/fetchnet.caffemodel": made["fetchnet.caffemodel"]}
     Server.faults, Server.seen = {}, []
     monkeypatch.setenv("ZOO_HOME", str(tmp_path / "home"))
     monkeypatch.delenv("ZOO_MIRROR", raising=False)
@@ -234,6 +242,31 @@ def test_md5_and_unknown_hashes(cli, published, tmp_path):
     assert '"source_sha256": "' + hashlib.sha256(Server.files["/models/unhashed.npy"]).hexdigest() in out
     code, _, err = cli("fetch", "fetchnet", "--file", "nope.pth")
     assert code == 1 and "has no published file 'nope.pth'; it lists: " in err
+
+
+def test_sha1_as_the_bvlc_model_zoo_publishes(cli, published, made, tmp_path):
+    """The BVLC .caffemodel files carry a sha1 (their readmes): a good file is checked by it, converted by the
+    caffemodel source and stored; another file under the published name is refused on it before any reader."""
+    from zoo.conversion import convert
+    from zoo.registry import load_weights
+
+    url, good = "/models/fetchnet.caffemodel", made["fetchnet.caffemodel"]
+    Server.files[url] = made["other.pth"]  # a valid weights file, not the published one
+    code, out, err = cli("fetch", "fetchnet", "--file", "fetchnet.caffemodel")
+    assert code == 1 and out == "" and len(err.strip().splitlines()) == 1, err
+    assert err.startswith(f"zoo: error: {tmp_path / 'home' / 'downloads' / 'fetchnet.caffemodel'}: sha1 "
+                          f"{hashlib.sha1(made['other.pth']).hexdigest()} is not the published {hashlib.sha1(good).hexdigest()}"), err
+    assert stored(tmp_path) == [] and downloads(tmp_path) == []
+    Server.files[url] = good
+    code, out, err = cli("fetch", "fetchnet", "--file", "fetchnet.caffemodel")
+    assert code == 0 and out.startswith("stored fetchnet@published/fetchnet (") and f"sha1 {hashlib.sha1(good).hexdigest()} as published" in out, err
+    assert stored(tmp_path) == ["fetchnet.safetensors"] and downloads(tmp_path) == []
+    (tmp_path / "fetchnet.caffemodel").write_bytes(good)
+    direct = load_weights(convert(tmp_path / "fetchnet.caffemodel", source="caffemodel", spec="fetchnet@published",
+                                  output=tmp_path / "direct.safetensors").output)
+    w = load_weights(next((tmp_path / "home" / "weights").rglob("*.safetensors")))
+    assert w.metadata["source_format"] == "caffemodel" and w.metadata["source_sha256"] == hashlib.sha256(good).hexdigest()
+    assert w.tensors.keys() == direct.tensors.keys() and all(np.array_equal(w.tensors[k], v) for k, v in direct.tensors.items())
 
 
 def test_every_registered_published_file_names_its_source_licence_and_a_hash_or_unknown():
