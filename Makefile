@@ -5,11 +5,12 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-$(STAMP): pyproject.toml plugins/zoo-caffemodel/pyproject.toml
+$(STAMP): Makefile pyproject.toml plugins/zoo-caffemodel/pyproject.toml  # Makefile: a new install step reaches existing venvs
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -e '.[test]'
 	$(BIN)/pip install -q -e ./plugins/zoo-caffemodel  # installed like any third-party plugin (editable: edits apply)
+	$(BIN)/pip install -q --no-deps tf-keras==2.21.0  # real Keras 2 for tests/test_keras2_real.py; --no-deps: its `tensorflow` requirement would pull the full tensorflow wheel over tensorflow_cpu
 	touch $@
 
 .PHONY: install demo test lint bench

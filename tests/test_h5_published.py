@@ -1,7 +1,8 @@
 """Keras files as the published weights come: Keras 3's `.keras` archive, and the legacy h5 of Keras 1 and 2.
 
-The `.keras` archives are written by Keras 3 itself (`model.save`). Keras 1 and 2 cannot be installed beside
-Keras 3 and TensorFlow here, so their h5 files are written with h5py in exactly the structure their savers
+The `.keras` archives are written by Keras 3 itself (`model.save`). Keras 1 and 2.0-2.2 cannot be installed
+beside Keras 3 and TensorFlow here (files written by the last Keras 2, tf-keras 2.21, are tested in
+tests/test_keras2_real.py), so their h5 files are written with h5py in exactly the structure their savers
 wrote: Keras 2.0-2.2's `save_weights_to_hdf5_group` (keras/engine/topology.py, later keras/engine/saving.py)
 and Keras 1's `Container.save_weights` (keras/engine/topology.py):
 
