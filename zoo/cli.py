@@ -248,6 +248,10 @@ def _weights_file(name: str, spec_names: bool = True):
 def cmd_export(args):
     from zoo.export import export
 
+    # TensorFlow's oneDNN allocator keeps what it frees: the Keras model let go before a format's reload check
+    # stayed resident under the reloaded one (VGG16 savedmodel +537 MB, measured). A check runs a few images:
+    # Eigen's kernels will do. Set before TensorFlow is imported (ONNX is written first, without it).
+    os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
     formats = [f.strip() for f in args.format.split(",") if f.strip()]
     top = args.include_top == "true"
     if args.out:
