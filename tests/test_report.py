@@ -142,3 +142,19 @@ def test_errors_are_one_line(finished, tmp_path, cli):
     code, out, err = cli("report", run)
     assert code == 1 and out == ""
     assert err == f"zoo: error: {run}: no val.txt: the run was started by a zoo without reports (--resume writes it)\n"
+
+
+def test_ctrl_c_during_finetune_says_how_to_continue_and_draw_the_report(finished, tmp_path, cli, monkeypatch):
+    import zoo.finetune
+
+    def interrupted(**config):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(zoo.finetune, "finetune", interrupted)
+    run = copy_run(finished, tmp_path)
+    code, out, err = cli("finetune", "narrow", "--data", tmp_path, "--out", run)
+    assert (code, out) == (130, "")
+    assert err == (f"zoo: interrupted; {run} keeps its last complete epoch: `zoo finetune ... --out {run} --resume` "
+                   f"continues it, `zoo report {run}` draws its report\n")
+    code, out, err = cli("finetune", "narrow", "--data", tmp_path, "--out", tmp_path / "before-any-epoch")
+    assert (code, out, err) == (130, "", "zoo: interrupted\n")

@@ -209,7 +209,14 @@ def cmd_finetune(args):
     from zoo.finetune.config import given
     from zoo.report import write_report
 
-    result = finetune(**({"weights": "stored"} | given(args)))  # the Python API's None stays random initialisation
+    try:
+        result = finetune(**({"weights": "stored"} | given(args)))  # the Python API's None stays random initialisation
+    except KeyboardInterrupt:
+        if not (Path(args.out) / "checkpoints" / "state.json").is_file():
+            raise  # no epoch finished: nothing to continue
+        print(f"zoo: interrupted; {args.out} keeps its last complete epoch: `zoo finetune ... --out {args.out} --resume` "
+              f"continues it, `zoo report {args.out}` draws its report", file=sys.stderr)
+        return 130
     if not result.chief:  # another worker of a multi-worker run: the chief writes the report and exports
         return 0
     report = write_report(result.run_dir)  # before any export: a failed export keeps the report
