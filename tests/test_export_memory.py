@@ -65,3 +65,43 @@ def test_a_reference_of_other_weights_is_not_used(narrow_run, tmp_path):
     assert stored_reference(run, open_source(run)) is None
     (run / REFERENCE).write_bytes(b"not an npz")
     assert stored_reference(run, open_source(run)) is None
+
+
+def _spoiled(how):
+    """write_onnx as the export calls it, then the written file changed by `how(path, offsets)`."""
+    import zoo.export.to_onnx
+
+    write = zoo.export.to_onnx.write_onnx
+
+    def spoiled(path, model, inits, **kw):
+        offsets = write(path, model, inits, **kw)
+        how(path, offsets, dict(inits))
+        return offsets
+
+    return spoiled
+
+
+def _flip_middle_of_largest(path, offsets, inits):
+    name = max(inits, key=lambda n: inits[n].nbytes)
+    _, offset = offsets[name]
+    with open(path, "r+b") as f:  # the bytes ONNX Runtime runs are the file's: a changed value there must show
+        f.seek(offset + inits[name].nbytes // 2 // 4 * 4)
+        f.write(np.float32(50.0).tobytes() * 16)
+
+
+def _truncate(path, offsets, inits):
+    with open(path, "r+b") as f:
+        f.truncate(path.stat().st_size - 1)
+
+
+@pytest.mark.parametrize("how, message", [(_flip_middle_of_largest, "does not match the Keras model"),
+                                          (_truncate, "ONNX Runtime cannot load the written file: .*Protobuf parsing failed")])
+def test_the_onnx_check_reads_the_written_files_bytes(narrow_run, tmp_path, monkeypatch, how, message):
+    import zoo.export.to_onnx
+    from zoo.errors import ZooError
+    from zoo.export import export
+
+    monkeypatch.setattr(zoo.export.to_onnx, "write_onnx", _spoiled(how))
+    with pytest.raises(ZooError, match=message):
+        export(narrow_run, formats=["onnx"], out=tmp_path / "out")
+    assert not (tmp_path / "out" / "model.onnx").exists() and not list((tmp_path / "out").glob(".*"))

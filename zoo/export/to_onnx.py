@@ -36,7 +36,10 @@ def export_onnx(src: Source, out: Path, reference, opset: int = DEFAULT_OPSET, e
         check_onnx(tmp / target.name, model, inits, offsets)
         options = ort.SessionOptions()  # prepacking would hold the dense weights twice while the session starts
         options.add_session_config_entry("session.disable_prepacking", "1")
-        session = ort.InferenceSession(str(tmp / target.name), options, providers=["CPUExecutionProvider"])
+        try:
+            session = ort.InferenceSession(str(tmp / target.name), options, providers=["CPUExecutionProvider"])
+        except Exception as e:  # onnxruntime's own exception types (InvalidProtobuf, Fail, ...): what it said, in one line
+            raise ZooError(f"ONNX Runtime cannot load the written file: {str(e).splitlines()[0]}", target) from None
         sizes = [None, second_size(part)] if dynamic else [None]  # None: the part's own
         output = "logits" if part.logits else "features"
         got = [session.run([output], {"image": check_batch(part, size=size)})[0] for size in sizes]
