@@ -16,9 +16,9 @@ from caffe_proto import PB
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from zoo_caffemodel.caffemodel import V1_TYPES, read_layers
-from zoo_caffemodel.wire import LENGTH, WireError, fields
 
 from zoo.errors import ZooError
+from zoo.wire import LENGTH, WireError, fields
 
 # the reader's own refusals of messages protobuf accepts, by their message's start
 DOCUMENTED = ("blob declares shape", "a name is not UTF-8", "unsupported wire type", "no layers", "float data whose length")

@@ -9,6 +9,7 @@ symbolic where the graph is the same at every size (size_free). tf2onnx was meas
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 
@@ -213,33 +214,85 @@ def _external(tensor, location: str, offset: int, length: int):
     return tensor
 
 
-SMALL = 1 << 16  # bytes: an initializer check_onnx keeps inside the model it checks
+SMALL = 1 << 16  # bytes: an initializer the checked model keeps inside (shape inference reads constants)
 
 
-def check_onnx(path, model, inits: list[tuple[str, np.ndarray]], offsets: dict[str, tuple[str, int]]) -> None:
-    """onnx.checker's full check (strict shape inference included) of the file write_onnx wrote `model` and
-    `inits` to, with `offsets` its answer, without loading the weights: checking an ONNX file loads it whole
-    as protobuf (2x the model, the export's peak). What is checked instead is the same model with each
-    large initializer as external data pointing at its bytes inside that file (or its .data file), written
-    beside it as a small file. Small initializers keep their values: shape inference reads constants (a
-    Reshape's shape). The weights' values are proven by ONNX Runtime running the file itself."""
-    from pathlib import Path
-
+def checked_copy(path, offsets: dict[str, tuple[str, int]]) -> Path:
+    """`.check.<name>` beside `path`: the ONNX file write_onnx wrote, parsed by the protobuf library except the
+    large initializers' raw bytes, which are left where they lie in that file (ONNX external data), so
+    onnx.checker and ONNX Runtime check the file's own graph and bytes, and ONNX Runtime maps the weights
+    instead of holding them as protobuf beside its own tensors (its session on the file itself took 1.7x
+    AlexNet's weights; parsing the file whole takes 2x: protobuf copies what it reads). The file is walked
+    as write_onnx writes it (a ModelProto whose large fields are `graph { initializer { ... raw_data } }`),
+    every length checked by zoo.wire; a raw_data must lie where write_onnx says (`offsets`)."""
     import onnx
-    from onnx import TensorProto, helper, numpy_helper
+    from google.protobuf.message import DecodeError
+
+    from zoo.mapped import map_file
+    from zoo.wire import WireError
 
     path = Path(path)
-    skeleton = onnx.ModelProto()
-    skeleton.CopyFrom(model)
-    for name, arr in inits:
-        if arr.nbytes <= SMALL:
-            skeleton.graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(arr), name))
-        else:
-            tensor = TensorProto(name=name, dims=arr.shape, data_type=helper.np_dtype_to_tensor_dtype(arr.dtype))
-            skeleton.graph.initializer.append(_external(tensor, *offsets[name], arr.nbytes))
-    checked = path.with_name(f".check.{path.name}")
+    buf = memoryview(map_file(path))
+    parsed = onnx.ModelProto()
     try:
-        onnx.save(skeleton, str(checked))
-        onnx.checker.check_model(str(checked), full_check=True)
+        for lo, hi, (number, span) in _split(buf, 0, len(buf)):
+            if number is None:
+                parsed.MergeFromString(buf[lo:hi])
+                continue
+            if number != 7:  # ModelProto.graph
+                raise ZooError(f"the written ONNX file has a {hi - lo:,}-byte field {number} where zoo writes none", path)
+            for glo, ghi, (gnumber, tspan) in _split(buf, *span):
+                if gnumber is None:
+                    parsed.graph.MergeFromString(buf[glo:ghi])
+                elif gnumber != 5:  # GraphProto.initializer
+                    raise ZooError(f"the written ONNX file's graph has a {ghi - glo:,}-byte field {gnumber} where zoo writes none", path)
+                else:
+                    parsed.graph.initializer.append(_pointing_into(buf, tspan, path, offsets))
+    except (WireError, DecodeError) as e:
+        raise ZooError(f"the written ONNX file is not valid protobuf ({e})", path) from None
     finally:
-        checked.unlink(missing_ok=True)
+        buf.release()
+    checked = path.with_name(f".check.{path.name}")
+    onnx.save(parsed, str(checked))
+    return checked
+
+
+def _split(buf, lo: int, hi: int):
+    """The message in buf[lo:hi] as runs of small fields, yielded as (start, end, (None, None)), and its large
+    length-delimited fields, as (start, end, (field number, payload span)): a parser's unit of work each."""
+    from zoo.wire import LENGTH, fields, varint_size
+
+    start = lo
+    for number, wire, value in fields(buf, lo, hi):
+        if wire == LENGTH and value[1] - value[0] > SMALL:
+            frame = value[0] - varint_size(value[1] - value[0]) - varint_size(number << 3 | wire)
+            if start < frame:
+                yield start, frame, (None, None)
+            yield frame, value[1], (number, value)
+            start = value[1]
+    if start < hi:
+        yield start, hi, (None, None)
+
+
+def _pointing_into(buf, span, path: Path, offsets: dict[str, tuple[str, int]]):
+    """The TensorProto in buf[span], its large raw_data (field 9) as external data pointing at those bytes of `path`."""
+    from onnx import TensorProto
+
+    tensor, raw = TensorProto(), None
+    for lo, hi, (number, value) in _split(buf, *span):
+        if number == 9:
+            raw = value
+        else:
+            tensor.MergeFromString(buf[lo:hi])  # a large field that is not raw_data is parsed as any other
+    if raw is not None:
+        if offsets.get(tensor.name) != (path.name, raw[0]):
+            raise ZooError(f"initializer {tensor.name}'s bytes are not where the writer put them", path)
+        _external(tensor, path.name, raw[0], raw[1] - raw[0])
+    return tensor
+
+
+def check_onnx(checked) -> None:
+    """onnx.checker's full check (strict shape inference included) of checked_copy's model."""
+    import onnx
+
+    onnx.checker.check_model(str(checked), full_check=True)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from zoo.backends.onnx import DEFAULT_OPSET, check_onnx, onnx_graph, size_free, write_onnx
+from zoo.backends.onnx import DEFAULT_OPSET, check_onnx, checked_copy, onnx_graph, size_free, write_onnx
 from zoo.errors import ZooError
 from zoo.export.checks import Source, check_batch, checker
 from zoo.export.swap import ONNX_FILES, swap_in
@@ -14,7 +14,8 @@ from zoo.features import Part
 
 def export_onnx(src: Source, out: Path, reference, opset: int = DEFAULT_OPSET, external: bool | None = None) -> Path:
     """Write model.onnx (and model.onnx.data when the weights go beside it: past protobuf's 2 GiB, or
-    `external`), check it (onnx.checker, then ONNX Runtime against `reference()`, the Keras model's output
+    `external`), check it (parsed by protobuf, then onnx.checker and ONNX Runtime on that parse with the weights
+    read where they lie in the file: zoo.backends.onnx.checked_copy; against `reference()`, the Keras model's output
     on check_batch), and only then move it into place. Where the graph allows any input size from the
     spec's up (zoo.backends.onnx.size_free), its height and width are symbolic and it is also checked at
     a second size against `reference(size)`.
@@ -33,11 +34,13 @@ def export_onnx(src: Source, out: Path, reference, opset: int = DEFAULT_OPSET, e
         dynamic = size_free(part, src.weights.tensors)
         model, inits = onnx_graph(src.spec, src.weights.tensors, src.classes, opset, part, dynamic)
         offsets = write_onnx(tmp / target.name, model, inits, release=src.weights.release, external=external)
-        check_onnx(tmp / target.name, model, inits, offsets)
+        del model, inits
+        checked = checked_copy(tmp / target.name, offsets)  # the file's graph, its weights read where they lie
+        check_onnx(checked)
         options = ort.SessionOptions()  # prepacking would hold the dense weights twice while the session starts
         options.add_session_config_entry("session.disable_prepacking", "1")
         try:
-            session = ort.InferenceSession(str(tmp / target.name), options, providers=["CPUExecutionProvider"])
+            session = ort.InferenceSession(str(checked), options, providers=["CPUExecutionProvider"])
         except Exception as e:  # onnxruntime's own exception types (InvalidProtobuf, Fail, ...): what it said, in one line
             raise ZooError(f"ONNX Runtime cannot load the written file: {str(e).splitlines()[0]}", target) from None
         sizes = [None, second_size(part)] if dynamic else [None]  # None: the part's own

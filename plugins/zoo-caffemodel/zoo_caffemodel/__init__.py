@@ -15,10 +15,10 @@ from zoo.errors import ZooError
 from zoo.hookspecs import hookimpl
 from zoo.sources import Imported, WeightSource, fit_params, map_file, mapping_notes, release_pages
 from zoo.weights import file_digest
+from zoo.wire import WireError
 from zoo_caffemodel.caffemodel import read_layers
 from zoo_caffemodel.prototxt import layer_settings, read_prototxt
 from zoo_caffemodel.to_spec import layer_name
-from zoo_caffemodel.wire import WireError
 
 __version__ = version("zoo-caffemodel")
 

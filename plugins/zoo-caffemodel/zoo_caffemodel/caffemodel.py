@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from zoo_caffemodel.wire import FIXED32, FIXED64, LENGTH, VARINT, WireError, fields, packed_varints, text
+from zoo.wire import FIXED32, FIXED64, LENGTH, VARINT, WireError, fields, packed_varints, text
 
 V1_TYPES = {4: "Convolution", 14: "InnerProduct", 15: "LRN", 17: "Pooling", 18: "ReLU", 6: "Dropout", 20: "Softmax",
             5: "Data", 21: "SoftmaxWithLoss", 1: "Accuracy", 29: "Split", 3: "Concat"}

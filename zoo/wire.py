@@ -1,7 +1,8 @@
 """A reader of the protobuf wire format over a buffer, zero-copy for length-delimited fields.
 
-Just enough for Caffe's NetParameter: varints, fixed 32/64-bit and length-delimited fields; groups
-(wire types 3 and 4) are refused. Every length is checked against the bytes that remain before it is
+Just enough for Caffe's NetParameter (the zoo-caffemodel plugin) and for splitting zoo's own ONNX files
+into their top-level fields (zoo.backends.onnx.checked_copy): varints, fixed 32/64-bit and
+length-delimited fields; groups (wire types 3 and 4) are refused. Every length is checked against the bytes that remain before it is
 used, so a corrupt or hostile file cannot make the reader allocate beyond the file's own size.
 """
 
@@ -29,6 +30,11 @@ def read_varint(buf: memoryview, pos: int, end: int) -> tuple[int, int]:
         shift += 7
         if shift > 63:
             raise WireError("varint longer than 10 bytes")
+
+
+def varint_size(value: int) -> int:
+    """Bytes of `value` as a varint."""
+    return max(1, (value.bit_length() + 6) // 7)
 
 
 def fields(buf: memoryview, start: int = 0, end: int | None = None):
