@@ -22,10 +22,10 @@ os.environ.pop("TF_USE_LEGACY_KERAS", None)  # tf_keras is imported by name; tf.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import numpy as np  # noqa: E402
+from seeded import set_head  # noqa: E402  (tests/ is this script's folder: on its path)
 
 MODELS = {"resnet50": ("ResNet50", "resnet50"), "vgg16": ("VGG16", "vgg16")}  # class, module
 FILES = {"weights": "{}_weights_tf_dim_ordering_tf_kernels.h5", "model": "{}_model.h5"}
-LOGIT_STD = 3.0
 
 
 def set_batchnorm(tf_keras, model, x, rng) -> int:
@@ -60,21 +60,6 @@ def scale_convs(tf_keras, model, x) -> None:
             for v in layer.weights:
                 v.assign(v.numpy() / np.float32(std))
         x = layer(x)
-
-
-def set_head(dense, features: np.ndarray) -> None:
-    """As tests/test_keras_applications.set_head: the head's kernel with its components along the photos' centred
-    features whitened, scaled to logits of std LOGIT_STD, the bias centring them over the photos."""
-    f = features.astype(np.float64)
-    mean = f.mean(0)
-    _, s, vt = np.linalg.svd(f - mean, full_matrices=False)
-    v = vt[: len(f) - 1].T
-    w0 = dense.kernel.numpy().astype(np.float64)
-    along = v.T @ w0
-    w = w0 - v @ along + v @ ((s[0] / s[: len(f) - 1])[:, None] * along)
-    w *= LOGIT_STD / ((f - mean) @ w).std()
-    dense.kernel.assign(w.astype(np.float32))
-    dense.bias.assign((-mean @ w).astype(np.float32))
 
 
 def main(name: str, seed: int, crops_path: str, folder: str) -> None:

@@ -67,3 +67,23 @@ def torchvision_state(name):
     shapes = {k: shapes[k] for k in z["keys"].tolist()}
     return seeded_state(shapes, int(z["seed"]), dict(zip(z["scale_keys"].tolist(), z["scale_values"].tolist())),
                         {str(z["fixed_key"]): z["fixed_value"]})
+
+
+LOGIT_STD = 3.0
+
+
+def set_head(dense, features: np.ndarray) -> None:
+    """A classifier head for seeded networks (Keras 3's or tf_keras' Dense): a random kernel with its components
+    along the batch's centred features whitened (random features of natural photos differ mostly along one
+    direction, which alone would give the photos opposite logits, two top-1s for four photos), scaled so the
+    logits' std is LOGIT_STD; the bias centres the logits over the batch (bias = -mean features @ W)."""
+    f = features.astype(np.float64)
+    mean = f.mean(0)
+    _, s, vt = np.linalg.svd(f - mean, full_matrices=False)
+    v = vt[: len(f) - 1].T  # the n-1 directions centred features span
+    w0 = dense.kernel.numpy().astype(np.float64)
+    along = v.T @ w0
+    w = w0 - v @ along + v @ ((s[0] / s[: len(f) - 1])[:, None] * along)
+    w *= LOGIT_STD / ((f - mean) @ w).std()
+    dense.kernel.assign(w.astype(np.float32))
+    dense.bias.assign((-mean @ w).astype(np.float32))

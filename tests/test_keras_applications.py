@@ -16,12 +16,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import DATA
+from seeded import set_head
 
 PHOTOS = ("astronaut", "chelsea", "coffee", "rocket")
 # name: (keras.applications class, keras.applications module, zoo spec, seed)
 MODELS = {"resnet50": ("ResNet50", "resnet50", "resnet50@keras", 0), "vgg16": ("VGG16", "vgg16", "vgg16@caffe", 1)}
 FORMATS = {"weights.h5": "{}.weights.h5", "h5": "{}.h5"}  # Keras 3 save_weights, legacy model.save
-LOGIT_STD = 3.0
 
 
 def model_params():
@@ -102,23 +102,6 @@ def calibrate(model, x: np.ndarray) -> np.ndarray:
                 v.assign(v.numpy() / np.float32(std))
         values[id(layer.output)] = layer(args, training=False)
     raise AssertionError("no layer named predictions")
-
-
-def set_head(dense, features: np.ndarray) -> None:
-    """The head: a random kernel with its components along the batch's centred features whitened (random
-    features of natural photos differ mostly along one direction, which alone would give the photos
-    opposite logits, two top-1s for four photos), scaled so the logits' std is LOGIT_STD; the bias centres
-    the logits over the batch (bias = -mean features @ W)."""
-    f = features.astype(np.float64)
-    mean = f.mean(0)
-    _, s, vt = np.linalg.svd(f - mean, full_matrices=False)
-    v = vt[: len(f) - 1].T  # the n-1 directions centred features span
-    w0 = dense.kernel.numpy().astype(np.float64)
-    along = v.T @ w0
-    w = w0 - v @ along + v @ ((s[0] / s[: len(f) - 1])[:, None] * along)
-    w *= LOGIT_STD / ((f - mean) @ w).std()
-    dense.kernel.assign(w.astype(np.float32))
-    dense.bias.assign((-mean @ w).astype(np.float32))
 
 
 @dataclass
