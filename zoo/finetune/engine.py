@@ -19,16 +19,12 @@ FLOAT32_KINDS = ("lrn",)
 
 def finetune(config: FinetuneConfig | None = None, **overrides) -> FinetuneResult:
     """Fine-tune as `config` (or FinetuneConfig's defaults) with `overrides` says; see zoo.finetune.config."""
-    from zoo import store
-
-    cfg = configure(config, overrides)
-    store.resolve(cfg.weights, cfg.model)  # weights not stored: one line, before TensorFlow starts and prints its own
+    plan = make_plan(configure(config, overrides))  # no TensorFlow yet: a plan's one-line refusal comes before its logs
 
     from zoo.finetune import distributed
     from zoo.finetune.checkpoints import lock_run
 
-    strat = distributed.strategy(cfg.strategy)
-    plan = make_plan(cfg)
+    strat = distributed.strategy(plan.cfg.strategy)
     distributed.agree(strat, plan.cfg)  # every worker has planned: only now may the chief write
     with distributed.writes_to(strat, plan.run, distributed.worker_index(strat)) as run, lock_run(run):
         if run != plan.run:  # not the chief: the same run, written to a folder removed after
