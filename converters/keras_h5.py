@@ -18,8 +18,8 @@ chain, not for a graph with branches, so for files that list the writer's layers
 `.keras`) the spec's weighted layers are also tried in the order Keras lists that graph (`keras_order`).
 
 A dataset stored contiguously (h5py's default, and what Keras writes) is taken as a zero-copy view of
-the memory-mapped file, handed to the core as a Deferred copy that lets the source's pages go behind
-it: no copy of the model in memory (ResNet-50: peak 1.7x the file's size before, 100 MB read through
+the memory-mapped file, which the core writes out from there and lets go behind it (Imported.release):
+no copy of the model in memory (ResNet-50: peak 1.7x the file's size before, 100 MB read through
 HDF5 into fresh memory and then copied again). Other layouts (chunked, compressed, compact) are read
 through h5py. As Keras' own loader does, links to other files and datasets stored outside the file are
 refused: HDF5 would follow them to any file on disk. The datasets to read are found first and their declared
@@ -30,16 +30,18 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import re
 import struct
 import zipfile
 import zlib
+from collections.abc import Iterable
+from typing import NamedTuple
 
 import numpy as np
 
 from zoo.errors import ZooError
 from zoo.hookspecs import hookimpl
-from zoo.layouts import Deferred
 from zoo.mapped import INFLATE_RATIO, MappedZip
 from zoo.sources import Imported, Params, WeightSource, fit_params, map_file, mapping_notes, release_pages
 from zoo.spec import ModelSpec
@@ -77,9 +79,42 @@ def _snake(name: str) -> str:
     return re.sub("([a-z])([A-Z])", r"\1_\2", name).lower()
 
 
-def _declared(dataset) -> int:
-    """The bytes a dataset's shape and type declare."""
-    return int(np.prod(dataset.shape, dtype=np.int64)) * dataset.dtype.itemsize
+class Stored(NamedTuple):
+    """A dataset as its header declares it, read once through h5py's low-level API (h5py's Dataset objects
+    read their creation properties again on every open: 4x the time of the whole read for ResNet-50's 320)."""
+
+    id: object  # h5py.h5d.DatasetID
+    name: str
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    contiguous: bool
+    filtered: bool
+    elsewhere: bool  # external storage or a virtual dataset: HDF5 would read other files
+    stored: int  # bytes of storage written
+    offset: int | None  # of contiguous storage in the file
+    ieee: bool  # stored in the IEEE format numpy reads as it is
+
+    @property
+    def declared(self) -> int:
+        """The bytes its shape and type declare."""
+        return math.prod(self.shape) * self.dtype.itemsize
+
+
+def _stored(dataset_id) -> Stored:
+    import h5py
+
+    plist, dtype = dataset_id.get_create_plist(), dataset_id.dtype
+    layout = plist.get_layout()
+    return Stored(dataset_id, _name(dataset_id), tuple(dataset_id.shape), dtype, layout == h5py.h5d.CONTIGUOUS,
+                  plist.get_nfilters() > 0, bool(plist.get_external_count()) or layout == h5py.h5d.VIRTUAL,
+                  dataset_id.get_storage_size(), dataset_id.get_offset(), dataset_id.get_type() == h5py.h5t.py_create(dtype))
+
+
+def _name(obj) -> str:
+    """An h5py object's or low-level id's path in the file."""
+    import h5py
+
+    return obj.name if hasattr(obj, "name") else _text(h5py.h5i.get_name(obj) or b"?")
 
 
 class DeclaredBytes:
@@ -97,17 +132,15 @@ class DeclaredBytes:
     def __init__(self, path, size: int, most: int | None):
         self.path, self.size, self.most = path, size, most
 
-    def check(self, datasets) -> None:
+    def check(self, datasets: Iterable[Stored]) -> None:
         plain = packed = 0
         for d in datasets:
-            declared, stored = _declared(d), d.id.get_storage_size()
-            filtered = d.id.get_create_plist().get_nfilters() > 0
-            if declared and not stored:
-                raise ZooError(f"{d.name} was never written (no storage: HDF5 would make up its {declared:,} bytes "
+            if d.declared and not d.stored:
+                raise ZooError(f"{d.name} was never written (no storage: HDF5 would make up its {d.declared:,} bytes "
                                "from the fill value); not read", self.path)
-            if not filtered and stored < declared:
-                raise ZooError(f"{d.name} is only partly written ({stored:,} of {declared:,} bytes stored); not read", self.path)
-            packed, plain = (packed + declared, plain) if filtered else (packed, plain + declared)
+            if not d.filtered and d.stored < d.declared:
+                raise ZooError(f"{d.name} is only partly written ({d.stored:,} of {d.declared:,} bytes stored); not read", self.path)
+            packed, plain = (packed + d.declared, plain) if d.filtered else (packed, plain + d.declared)
         if plain > self.size:
             raise ZooError(f"its uncompressed datasets declare {plain:,} bytes, more than the file's {self.size:,} (corrupt)", self.path)
         if packed > INFLATE_RATIO * self.size:
@@ -118,45 +151,75 @@ class DeclaredBytes:
                            f"could be for ({self.most:,})", self.path)
 
 
+_MAX_WALKED = 1 << 16  # links recorded by one walk: Keras' ResNet-50 has 676
+
+
 class _Reader:
     def __init__(self, path, max_bytes: int, data=b""):
         self.path, self.max_bytes, self.data = path, max_bytes, data  # data: the mapped file (map_file) or archive member
+        self.links: dict[str, int] = {}  # path in the file -> link type (walk)
 
-    def dataset(self, node):
+    def dataset(self, node) -> Stored:
         """`node`, checked as a tensor to read (declarations only: nothing is read): a float dataset stored in this
         file, within the largest tensor of a registered spec."""
         import h5py
 
-        if not isinstance(node, h5py.Dataset):
-            raise ZooError(f"{node.name} is not a dataset", self.path)
-        plist = node.id.get_create_plist()
-        if plist.get_external_count() or plist.get_layout() == h5py.h5d.VIRTUAL:
-            raise ZooError(f"{node.name} is stored in other files; not read", self.path)
-        if not np.issubdtype(node.dtype, np.floating):
-            raise ZooError(f"{node.name} is {node.dtype}, not float", self.path)
-        if _declared(node) > self.max_bytes:  # a corrupt header must not allocate gigabytes
-            raise ZooError(f"{node.name} claims {_declared(node):,} bytes, more than any tensor of a registered spec", self.path)
-        return node
+        if not isinstance(node, h5py.h5d.DatasetID):
+            raise ZooError(f"{_name(node)} is not a dataset", self.path)
+        d = _stored(node)
+        if d.elsewhere:
+            raise ZooError(f"{d.name} is stored in other files; not read", self.path)
+        if not np.issubdtype(d.dtype, np.floating):
+            raise ZooError(f"{d.name} is {d.dtype}, not float", self.path)
+        if d.declared > self.max_bytes:  # a corrupt header must not allocate gigabytes
+            raise ZooError(f"{d.name} claims {d.declared:,} bytes, more than any tensor of a registered spec", self.path)
+        return d
 
-    def array(self, dataset) -> np.ndarray:
-        """The values of a dataset checked by `dataset` and DeclaredBytes."""
+    def array(self, d: Stored) -> np.ndarray:
+        """The values of a dataset checked by `dataset` and DeclaredBytes: the bytes as they lie in the file when
+        stored contiguously in the IEEE format numpy reads (not a custom float HDF5 would convert), else read by h5py."""
         import h5py
 
-        dtype, shape = dataset.dtype, dataset.shape
-        count = int(np.prod(shape, dtype=np.int64))
-        # stored contiguously, in the IEEE format numpy reads (not a custom float HDF5 would convert): the bytes as they are
-        if (dataset.id.get_create_plist().get_layout() == h5py.h5d.CONTIGUOUS and dataset.id.get_type() == h5py.h5t.py_create(dtype)
-                and (offset := dataset.id.get_offset()) is not None and count and offset + count * dtype.itemsize <= len(self.data)):
-            return np.frombuffer(self.data, dtype, count, offset).reshape(shape)
-        return dataset[()]
+        count = math.prod(d.shape)
+        if d.contiguous and d.ieee and d.offset is not None and count and d.offset + count * d.dtype.itemsize <= len(self.data):
+            return np.frombuffer(self.data, d.dtype, count, d.offset).reshape(d.shape)
+        return h5py.Dataset(d.id)[()]
+
+    def walk(self, root) -> None:
+        """Record every link under `root` with its type, in one walk of the file (H5Lvisit, 3 ms for ResNet-50's
+        676, where looking each path's links up in turn took 30 ms). It does not descend through soft links: paths
+        it did not meet are looked up link by link. A file of more links than any Keras model has is not walked."""
+        links = {}
+
+        def record(name: bytes, info):
+            links[name.decode("utf8", "surrogateescape")] = info.type
+            return True if len(links) > _MAX_WALKED else None  # anything but None stops the walk
+
+        root.id.links.visit(record, info=True)
+        self.links = links if len(links) <= _MAX_WALKED else {}
 
     def member(self, group, path: str):
         """group[path], a path the file names, resolved as Keras' safe_get_h5_group/dataset do: each part must be
-        there, and a link to another file is refused. Each link is looked at before it is followed (H5Lget_info
-        does not follow the last link of its path), and the object is then opened in one lookup."""
+        there, and a link to another file is refused. The links are looked at before any is followed, and the
+        object is then opened in one lookup: a Group, or a dataset's low-level id (for `dataset`)."""
         import h5py
 
-        parts = path.split("/")
+        kind = self.links.get(f"{group.name}/{path}".lstrip("/"))
+        if kind is None:  # not met by the walk: a path through a soft link, or none
+            kind = self._link_by_link(group, path)
+        if kind == h5py.h5l.TYPE_EXTERNAL:
+            raise ZooError(f"{group.name.rstrip('/')}/{path} links to another file; not read", self.path)
+        found = h5py.h5o.open(group.id, path.encode())
+        if found.fileno != group.id.fileno:  # a soft link to an external one: nothing is read from the other file
+            raise ZooError(f"{group.name.rstrip('/')}/{path} links to another file; not read", self.path)
+        return h5py.Group(found) if isinstance(found, h5py.h5g.GroupID) else found
+
+    def _link_by_link(self, group, path: str) -> int:
+        """The type of the last link of group/path, each link on the way looked at before it is followed
+        (H5Lget_info does not follow the last link of its path); links to other files are refused."""
+        import h5py
+
+        parts, link = path.split("/"), None
         for i in range(len(parts)):
             try:
                 link = group.id.links.get_info("/".join(parts[:i + 1]).encode()) if parts[i] else None
@@ -166,7 +229,7 @@ class _Reader:
                 raise ZooError(f"{group.name.rstrip('/')}/{path} is named in the file but not in it", self.path)
             if link.type == h5py.h5l.TYPE_EXTERNAL:
                 raise ZooError(f"{group.name.rstrip('/')}/{path} links to another file; not read", self.path)
-        return group[path]
+        return link.type
 
     def config_layers(self, config) -> dict[str, tuple[str, dict]]:
         """{h5 group: (layer name, layer config)} of a Functional or Sequential config, in model.layers order. Keras 3's
@@ -182,10 +245,14 @@ class _Reader:
         return out
 
     def keras3(self, group, prefix="", config=None) -> dict:
+        import h5py
+
         named = self.config_layers(config)
         layers = {}
         for key in [k for k in named if k in group] + sorted(set(group) - set(named), key=_natural):
             sub = self.member(group, key)
+            if not isinstance(sub, h5py.Group):  # a dataset beside the layers' groups is no layer
+                continue
             members = set(sub)
             variables = self.member(sub, "vars") if "vars" in members else None
             name, inner = named.get(key, (key, None))
@@ -197,11 +264,15 @@ class _Reader:
         return layers
 
     def legacy(self, root) -> dict:
+        import h5py
+
         if _text(root.attrs.get("backend", "")) == "theano":  # Keras 2 flipped them on loading; Keras 3 does not
             raise ZooError("written with Keras' Theano backend, whose convolution kernels are flipped; not read", self.path)
         layers = {}
         for name in _names(root, "layer_names"):
             group = self.member(root, name)
+            if not isinstance(group, h5py.Group):
+                raise ZooError(f"{_name(group)} is listed as a layer but is not a group", self.path)
             weight_names = _names(group, "weight_names")
             if weight_names:  # Keras' loader skips layers without weights and pairs the rest with the model's in order
                 layers[name] = {str(i): self.dataset(self.member(group, wn)) for i, wn in enumerate(weight_names)}
@@ -260,6 +331,7 @@ def read_h5_params(path, max_bytes: int, data, max_total: int | None = None) -> 
     reader = _Reader(path, max_bytes, h5)
     try:
         with h5py.File(path if config is None else _InPlace(h5), "r") as f:
+            reader.walk(f)
             if "layers" in f and "layer_names" not in f.attrs:
                 datasets, ordered = reader.keras3(reader.member(f, "layers"), config=config), bool(reader.config_layers(config))
             else:
@@ -348,25 +420,8 @@ class KerasH5(WeightSource):
                 raise
             raise ZooError(f"the weights are {' or '.join(headless)} (a Keras include_top=False file, _notop); "
                            "no registered spec is headless", path) from None
-        tensors = {name: _copy_of(arr, data) for name, arr in fit.tensors.items()}
-        return Imported(fit.spec, tensors, notes=mapping_notes(fit), source_format="keras-h5")
-
-
-_CHUNK = 1 << 22  # elements copied between releases of the source's pages
-
-
-def _copy_of(arr, data):
-    """A Deferred copy that lets the mapped source's pages go behind it (release_pages ignores arrays in memory)."""
-    if not isinstance(arr, np.ndarray) or not arr.flags.c_contiguous:
-        return arr
-
-    def fill(dst):
-        src, flat = arr.reshape(-1), dst.reshape(-1)
-        for i in range(0, src.size, _CHUNK):
-            flat[i:i + _CHUNK] = src[i:i + _CHUNK]
-            release_pages(data, src[i:i + _CHUNK])
-
-    return Deferred(arr.shape, arr.dtype, fill)
+        return Imported(fit.spec, fit.tensors, notes=mapping_notes(fit), source_format="keras-h5",
+                        release=lambda arr: release_pages(data, arr))
 
 
 @hookimpl

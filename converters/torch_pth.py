@@ -302,11 +302,12 @@ class TorchStateDict(WeightSource):
         check_storage_use(state, path)  # before any array exists: nothing is widened or copied unchecked
         widened = [k for k, t in state.items() if t.storage.bfloat16]
         layers = state_dict_params({k: t.numpy() for k, t in state.items()})
-        fit = fit_params(layers, "torch", spec, path, mapping=options.get("map"),
-                         release=lambda w: release_pages(torch_file.data, w))
+        release = lambda w: release_pages(torch_file.data, w)  # noqa: E731
+        fit = fit_params(layers, "torch", spec, path, mapping=options.get("map"), release=release)
         notes = [f"converted bfloat16 to float32 (exact): {', '.join(widened)}"] if widened else []
         kind = "legacy" if isinstance(torch_file, LegacyTorchFile) else "zip"
-        return Imported(fit.spec, fit.tensors, notes=notes + mapping_notes(fit), source_format=f"torch-{kind}-state-dict")
+        return Imported(fit.spec, fit.tensors, notes=notes + mapping_notes(fit), source_format=f"torch-{kind}-state-dict",
+                        release=release)
 
 
 @hookimpl

@@ -343,10 +343,15 @@ def damaged_legacy_file(folder, how: str):
             f.attrs["layer_names0"], f.attrs["layer_names1"] = [b"conv1"], [b"fc2"]
         else:  # the bias elsewhere on disk, where HDF5 would read it from without the check
             del f["fc2/fc2/bias:0"]
-            if how == "external link":
+            if how in ("external link", "soft link to an external link"):
                 with h5py.File(folder / "other.h5", "w") as other:
                     other["bias"] = bias
-                f["fc2/fc2/bias:0"] = h5py.ExternalLink(str(folder / "other.h5"), "/bias")
+                external = h5py.ExternalLink(str(folder / "other.h5"), "/bias")
+                if how == "external link":
+                    f["fc2/fc2/bias:0"] = external
+                else:
+                    f["elsewhere"] = external
+                    f["fc2/fc2/bias:0"] = h5py.SoftLink("/elsewhere")
             else:
                 (folder / "raw.bin").write_bytes(bias.tobytes())
                 f["fc2/fc2"].create_dataset("bias:0", bias.shape, bias.dtype, external=[(str(folder / "raw.bin"), 0, bias.nbytes)])
@@ -357,6 +362,7 @@ def damaged_legacy_file(folder, how: str):
     ("missing dataset", "/fc2/fc2/beta:0 is named in the file but not in it"),
     ("missing layer", "/fc3 is named in the file but not in it"),
     ("external link", "/fc2/fc2/bias:0 links to another file"),
+    ("soft link to an external link", "/fc2/fc2/bias:0 links to another file"),
     ("external storage", "/fc2/fc2/bias:0 is stored in other files; not read"),
     ("theano", "Theano backend"),
 ])

@@ -136,3 +136,33 @@ def test_h5_datasets_of_every_storage_read_the_same(tmp_path, tiny_spec, how):
     for name, (kernel, bias) in layers.items():
         np.testing.assert_array_equal(w.tensors[f"{name}.kernel"], kernel)
         np.testing.assert_array_equal(w.tensors[f"{name}.bias"], bias)
+
+
+def test_mapped_datasets_are_written_from_the_file_and_let_go_chunk_by_chunk(tmp_path, tiny_spec, monkeypatch):
+    """Keras' contiguous datasets are written out from the mapped file a chunk at a time, and each chunk's
+    pages are released once it is written (Imported.release): the source is never resident beside the output."""
+    import h5py
+    from conftest import small_layers
+
+    import zoo.converters.keras_h5 as keras_h5
+    import zoo.weights
+
+    released = []
+    monkeypatch.setattr(zoo.weights, "_CHUNK", 64)  # values per chunk: the small layers span several
+    monkeypatch.setattr(keras_h5, "release_pages", lambda data, arr: released.append(np.lib.array_utils.byte_bounds(arr)))
+    layers = small_layers()
+    path = tmp_path / "w.h5"
+    with h5py.File(path, "w") as f:
+        f.attrs["layer_names"] = [b"conv1", b"fc2"]
+        for name, (kernel, bias) in layers.items():
+            f.create_group(name).attrs["weight_names"] = [b"kernel:0", b"bias:0"]
+            f[name].create_dataset("kernel:0", data=kernel)
+            f[name].create_dataset("bias:0", data=bias)
+    w = load_weights(convert(path, output=tmp_path / "w.safetensors").output)
+    for name, (kernel, bias) in layers.items():
+        np.testing.assert_array_equal(w.tensors[f"{name}.kernel"], kernel)
+        np.testing.assert_array_equal(w.tensors[f"{name}.bias"], bias)
+    spans = sorted(released)
+    assert sum(hi - lo for lo, hi in spans) == sum(a.nbytes for arrays in layers.values() for a in arrays)
+    assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:])), "a chunk released twice"
+    assert max(hi - lo for lo, hi in spans) == 64 * 4 and len(spans) > len(layers) * 2

@@ -132,7 +132,7 @@ def _write(path, output, requested, imported, info, reader, digest) -> ConvertRe
     total = sum(int(np.prod(t.shape)) * np.dtype(t.dtype).itemsize for t in tensors.values())
     with bar(total, f"converting {path.name}", "B") as progress:  # the source: a store's output has a temporary name
         save_weights(output, target, tensors, metadata, pending_digests={"source_sha256": digest} if digest else {},
-                     on_written=progress.update)
+                     on_written=progress.update, release=imported.release)
     sha256 = digest.result() if digest else None
     notes = imported.notes + (provenance_notes(target, path.name, sha256) if sha256 else [])
     return ConvertResult(output, target.id, target.fingerprint, reader.name, sha256, target.num_params, notes)

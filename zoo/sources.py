@@ -9,6 +9,7 @@ a source never writes files.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from fnmatch import fnmatch
 from pathlib import Path
@@ -32,6 +33,9 @@ class Imported:
     notes: list[str] = field(default_factory=list)  # shown to the user: mapping used, provenance found
     metadata: dict[str, str] = field(default_factory=dict)  # extra `__metadata__` entries
     source_format: str = ""
+    # release(array): let the pages of a mapped source under `array` (one of `tensors`, or a part of one) go
+    # once the core has written it, so that the source is never resident beside the output (release_pages)
+    release: Callable[[np.ndarray], None] | None = None
 
 
 class WeightSource:

@@ -69,11 +69,12 @@ class CaffeModel(WeightSource):
         weighted = {layer_name(layer.name): {str(i): blob for i, blob in enumerate(layer.blobs)} for layer in layers if layer.blobs}
         if not weighted:
             raise ZooError(f"net {net!r} holds no blobs (a deploy net without weights?)", path)
-        fit = fit_params(weighted, "caffe", spec, path, mapping=options.get("map"), release=lambda w: release_pages(data, w))
+        release = lambda w: release_pages(data, w)  # noqa: E731
+        fit = fit_params(weighted, "caffe", spec, path, mapping=options.get("map"), release=release)
         notes = [f"read net {net!r} ({kind}, {len(layers)} layers)"] + mapping_notes(fit) + genuine_notes(fit.spec, Path(path))
         if options.get("prototxt"):
             notes += prototxt_notes(fit.spec, options["prototxt"], layers)
-        return Imported(fit.spec, fit.tensors, notes=notes, source_format="caffemodel")
+        return Imported(fit.spec, fit.tensors, notes=notes, source_format="caffemodel", release=release)
 
 
 @hookimpl
