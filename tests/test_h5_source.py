@@ -142,9 +142,9 @@ def test_mapped_datasets_are_written_from_the_file_and_let_go_chunk_by_chunk(tmp
     """Keras' contiguous datasets are written out from the mapped file a chunk at a time, and each chunk's
     pages are released once it is written (Imported.release): the source is never resident beside the output."""
     import h5py
+    import zoo.converters.keras_h5 as keras_h5
     from conftest import small_layers
 
-    import zoo.converters.keras_h5 as keras_h5
     import zoo.weights
 
     released = []
