@@ -1,7 +1,10 @@
 """Benchmark `zoo convert` against the plain way (the format's own loader + safetensors save) in one run.
 
 Each measurement runs in a fresh interpreter so that its peak resident memory (VmHWM) is its own;
-runs alternate between the two ways, each after os.sync(), and the median of `--repeat` runs is reported.
+runs alternate between the two ways, each after os.sync(), and the median of `--repeat` runs is reported,
+with the median of the paired ratios (each zoo run over the baseline run right before it). zoo's and its
+plugins' sources are compiled to bytecode first, as `pip install` does: the plugins are imported inside
+zoo's clock.
 
     python benchmarks/bench_convert.py [--repeat 5] [--formats caffe,torch,torch-hub,caffemodel]
     python benchmarks/bench_convert.py --repeat 3 --formats graph [--caffe-full /work/refs/caffe-full] [--sources DIR]
