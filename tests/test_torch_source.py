@@ -154,6 +154,21 @@ def test_a_storage_claiming_more_than_the_file_is_refused(tmp_path, tiny_torch):
         convert(tmp_path / "huge.pth")
 
 
+def test_a_member_whose_local_header_is_not_where_the_directory_says_is_refused(tmp_path, tiny_torch):
+    """The central directory points each storage at its local header: a header that is not there (a damaged or
+    spliced archive) is refused, not read from wherever the offset lands."""
+    torch.save(tiny_torch.state_dict(), tmp_path / "ok.pth")
+    with zipfile.ZipFile(tmp_path / "ok.pth") as z:
+        info = next(i for i in z.infolist() if "/data/" in i.filename)
+    data = bytearray((tmp_path / "ok.pth").read_bytes())
+    assert data[info.header_offset:info.header_offset + 4] == b"PK\x03\x04"
+    data[info.header_offset:info.header_offset + 4] = b"XX\x03\x04"
+    (tmp_path / "moved.pth").write_bytes(data)
+    with pytest.raises(ZooError, match=f"{info.filename}: no local zip header where the directory says"):
+        convert(tmp_path / "moved.pth", output=tmp_path / "moved.safetensors")
+    assert not (tmp_path / "moved.safetensors").exists()
+
+
 def test_hash_prefix_in_the_name_is_checked(tmp_path, tiny_torch, cli):
     import hashlib
 
