@@ -35,10 +35,11 @@ _FOLIO = 1 << 21  # the page cache holds a file in folios of up to 2 MiB, and to
 
 
 def release_pages(data, arr: np.ndarray) -> None:
-    """Drop the pages around `arr`, a view of the read-only mapping `data` (map_file); no-op for anything else.
-    The span is widened to the 2 MiB folios it lies in: reading a 1 KiB bias maps 2 MiB of the file into the
-    process (kernel 6.18, ext4), which an exact release would leave (ResNet-50 from torch: 42 MB of its 103
-    left mapped). Dropping more than was read is harmless on a read-only mapping: a later read maps it again."""
+    """Drop the pages around `arr`, a view of the shared mapping `data` (map_file's, or an output file's); no-op
+    for anything else. The span is widened to the 2 MiB folios it lies in: reading a 1 KiB bias maps 2 MiB of
+    the file into the process (kernel 6.18, ext4), which an exact release would leave (ResNet-50 from torch: 42
+    MB of its 103 left mapped). Dropping more than was used is harmless on a shared mapping, even where another
+    thread is writing: what was written is in the page cache, and the next access maps it again."""
     if not isinstance(data, mmap.mmap) or arr.size == 0:
         return
     base = np.frombuffer(data, np.uint8).ctypes.data
