@@ -186,9 +186,8 @@ def measure(job: dict, limit: float, run=subprocess.run) -> Row:
                1000 * statistics.median(times), peak / 2 ** 20, limit, len(times))
 
 
-def _child(job_json: str) -> None:
-    """In the measuring process: load the runtime's model, time calls, print the times and peak memory."""
-    job = json.loads(job_json)
+def forward_of(job: dict):
+    """The job's forward (see `make_job`) as a function of the batch, and the seeded batch it takes, in its layout."""
     spec = ModelSpec.from_dict(json.loads(Path(job["spec"]).read_text()))
     h, w, c = spec.input_shape
     x = (np.random.default_rng(1).standard_normal((job["batch"], h, w, c), dtype=np.float32) * 60).astype(np.float32)
@@ -200,7 +199,13 @@ def _child(job_json: str) -> None:
         build = {"keras": _keras, "savedmodel": _savedmodel, "onnx": _onnx}[job["runtime"]]
     if job.get("layout") == "NCHW":
         x = np.ascontiguousarray(x.transpose(0, 3, 1, 2))
-    run = build(job, spec)
+    return build(job, spec), x
+
+
+def _child(job_json: str) -> None:
+    """In the measuring process: load the runtime's model, time calls, print the times and peak memory."""
+    job = json.loads(job_json)
+    run, x = forward_of(job)
     for _ in range(job.get("warmup", 2)):
         run(x)
     times, start = [], time.perf_counter()
