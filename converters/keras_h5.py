@@ -208,11 +208,14 @@ class _Reader:
         if kind is None:  # not met by the walk: a path through a soft link, or none
             kind = self._link_by_link(group, path)
         if kind == h5py.h5l.TYPE_EXTERNAL:
-            raise ZooError(f"{group.name.rstrip('/')}/{path} links to another file; not read", self.path)
+            raise self._elsewhere(group, path)
         found = h5py.h5o.open(group.id, path.encode())
         if found.fileno != group.id.fileno:  # a soft link to an external one: nothing is read from the other file
-            raise ZooError(f"{group.name.rstrip('/')}/{path} links to another file; not read", self.path)
+            raise self._elsewhere(group, path)
         return h5py.Group(found) if isinstance(found, h5py.h5g.GroupID) else found
+
+    def _elsewhere(self, group, path: str) -> ZooError:
+        return ZooError(f"{group.name.rstrip('/')}/{path} links to another file; not read", self.path)
 
     def _link_by_link(self, group, path: str) -> int:
         """The type of the last link of group/path, each link on the way looked at before it is followed
@@ -228,7 +231,7 @@ class _Reader:
             if link is None:
                 raise ZooError(f"{group.name.rstrip('/')}/{path} is named in the file but not in it", self.path)
             if link.type == h5py.h5l.TYPE_EXTERNAL:
-                raise ZooError(f"{group.name.rstrip('/')}/{path} links to another file; not read", self.path)
+                raise self._elsewhere(group, path)
         return link.type
 
     def config_layers(self, config) -> dict[str, tuple[str, dict]]:

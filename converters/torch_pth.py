@@ -22,6 +22,7 @@ import struct
 import zipfile
 import zlib
 from collections import Counter, OrderedDict
+from functools import partial
 from pathlib import Path
 from typing import NamedTuple
 
@@ -302,7 +303,7 @@ class TorchStateDict(WeightSource):
         check_storage_use(state, path)  # before any array exists: nothing is widened or copied unchecked
         widened = [k for k, t in state.items() if t.storage.bfloat16]
         layers = state_dict_params({k: t.numpy() for k, t in state.items()})
-        release = lambda w: release_pages(torch_file.data, w)  # noqa: E731
+        release = partial(release_pages, torch_file.data)
         fit = fit_params(layers, "torch", spec, path, mapping=options.get("map"), release=release)
         notes = [f"converted bfloat16 to float32 (exact): {', '.join(widened)}"] if widened else []
         kind = "legacy" if isinstance(torch_file, LegacyTorchFile) else "zip"

@@ -45,8 +45,7 @@ def release_pages(data, arr: np.ndarray) -> None:
     base = np.frombuffer(data, np.uint8).ctypes.data
     lo, hi = np.lib.array_utils.byte_bounds(arr)
     if base <= lo and hi <= base + len(data):
-        start, end = (lo - base) // _FOLIO * _FOLIO, -(-(hi - base) // _FOLIO) * _FOLIO
-        data.madvise(mmap.MADV_DONTNEED, start, min(end, len(data)) - start)
+        drop_pages(data, (lo - base) // _FOLIO * _FOLIO, -(-(hi - base) // _FOLIO) * _FOLIO)
 
 
 INFLATE_RATIO = 4  # float weights deflate by far less: an archive claiming more is corrupt or hostile

@@ -263,7 +263,7 @@ def _place(f, base: int, tensors: dict, offsets: list[int], on_written, release=
         def place(item) -> str | None:
             name, t, start, end = item
             if not isinstance(t, Deferred):
-                return None if _write_array(f.fileno(), base + start, t, release or (lambda chunk: None)) else name
+                return None if _write_array(f.fileno(), base + start, t, release) else name
             dst = np.ndarray(t.shape, np.dtype(t.dtype).newbyteorder("<"), mapped, base + start)
             t.fill(dst)
             finite = all_finite(dst, lambda chunk: release_pages(mapped, chunk))
@@ -280,7 +280,7 @@ def _place(f, base: int, tensors: dict, offsets: list[int], on_written, release=
         return not_finite
 
 
-def _write_array(fd: int, offset: int, arr: np.ndarray, release) -> bool:
+def _write_array(fd: int, offset: int, arr: np.ndarray, release=None) -> bool:
     """pwrite `arr`'s values, little-endian, at `offset`, a chunk at a time, each scanned for NaN/inf first and
     released after; whether all are finite."""
     flat = np.ascontiguousarray(arr).reshape(-1)
@@ -289,12 +289,13 @@ def _write_array(fd: int, offset: int, arr: np.ndarray, release) -> bool:
     finite = True
     for i in range(0, flat.size, _CHUNK):
         chunk = flat[i:i + _CHUNK]
-        finite = finite and bool(np.isfinite(chunk).all())
+        finite = finite and all_finite(chunk)
         view, at = memoryview(chunk).cast("B"), offset + i * flat.itemsize
         while view:
             written = os.pwrite(fd, view, at)
             view, at = view[written:], at + written
-        release(chunk)
+        if release:
+            release(chunk)
     return finite
 
 

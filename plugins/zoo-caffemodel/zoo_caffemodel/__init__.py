@@ -8,6 +8,7 @@ spec and each layer kind does its own transform. zoo writes and verifies the out
 
 from __future__ import annotations
 
+from functools import partial
 from importlib.metadata import version
 from pathlib import Path
 
@@ -69,7 +70,7 @@ class CaffeModel(WeightSource):
         weighted = {layer_name(layer.name): {str(i): blob for i, blob in enumerate(layer.blobs)} for layer in layers if layer.blobs}
         if not weighted:
             raise ZooError(f"net {net!r} holds no blobs (a deploy net without weights?)", path)
-        release = lambda w: release_pages(data, w)  # noqa: E731
+        release = partial(release_pages, data)
         fit = fit_params(weighted, "caffe", spec, path, mapping=options.get("map"), release=release)
         notes = [f"read net {net!r} ({kind}, {len(layers)} layers)"] + mapping_notes(fit) + genuine_notes(fit.spec, Path(path))
         if options.get("prototxt"):
