@@ -7,7 +7,8 @@ interleaved (issue 18).
 bench_forward.py measures each way in its own interpreter, one after the other: on this VM the same measurement
 moves by up to 35-50% between rounds, so two ways measured a minute apart differ by the drift, not by their speed.
 Here one interpreter loads every way of a spec (zoo's Keras model, SavedModel and ONNX, built and exported as
-bench_forward.py does, and the peers: torchvision's model exported by torch.onnx, Keras Applications' model),
+bench_forward.py does; the Keras model also unfolded, as create_model builds it for fine-tuning; and the peers:
+torchvision's model exported by torch.onnx, Keras Applications' model),
 warms each up, then calls them in turn, the order rotating each round, --pause seconds apart (ONNX Runtime's and
 TensorFlow's idle threads stop spinning before the next call), for --seconds and at least --least rounds. A ratio
 zoo / peer is the median over the rounds of the peer's call time over zoo's in the same round (seconds apart),
@@ -50,6 +51,9 @@ print("RESULT " + json.dumps(times), flush=True)
 """
 
 
+TRAINABLE = "keras unfolded"  # the model create_model builds for fine-tuning: batch norms as layers (zoo.fold)
+
+
 def peers_of(spec_id: str, runtime: str) -> list[str]:
     family = spec_id.split("@")[0]
     return (["torch.onnx"] if spec_id in TORCHVISION and runtime == "onnx" else []) + \
@@ -59,6 +63,7 @@ def peers_of(spec_id: str, runtime: str) -> list[str]:
 def ways_of(spec_id: str, folder: Path, args) -> dict[str, dict]:
     """{way: zoo.bench job} of zoo's three runtimes and the spec's peers, exported once."""
     ways = prepare(spec_id, folder / spec_id.replace("@", "_"), args)
+    ways[TRAINABLE] = dict(ways["keras"], folded=False)
     family = spec_id.split("@")[0]
     if family in KERAS_APPLICATIONS:
         ways["keras.applications"] = application_job(family, spec_id, folder / f"{family}_app", args)
@@ -78,7 +83,7 @@ def paired(ways: dict[str, dict], batch: int, args) -> dict[str, list[float]]:
 
 def rows(spec_id: str, batch: int, times: dict) -> list[str]:
     out = []
-    for runtime in ("keras", "savedmodel", "onnx"):
+    for runtime in ("keras", TRAINABLE, "savedmodel", "onnx"):
         zoo = times[runtime]
         for peer in peers_of(spec_id, runtime):
             ratios = sorted(p / z for z, p in zip(zoo, times[peer]))  # zoo's speed over the peer's, round by round

@@ -164,7 +164,8 @@ def make_job(runtime: str, batch: int, spec_file: Path, seconds: float, found: T
     `builder="module:function"`, importable from the folders in `path`, which returns the forward as a
     function of the batch), the batch size, the least timed seconds and, from `found`, the model's files.
     `layout="NCHW"` hands the builder's forward the batch transposed (outside the clock); `min_calls` is
-    the least number of timed calls (5), `warmup` the untimed calls before them (2)."""
+    the least number of timed calls (5), `warmup` the untimed calls before them (2); `folded=False` runs the
+    Keras model with its batch norms as layers, as create_model builds it for fine-tuning (zoo.fold)."""
     return {"runtime": runtime, "batch": batch, "seconds": seconds, "spec": str(spec_file),
             "weights": str(found and found.weights or ""), "onnx": str(found and found.onnx or ""),
             "savedmodel": str(found and found.savedmodel or "")} | more
@@ -242,8 +243,13 @@ def _keras(job, spec):
     import tensorflow as tf
 
     from zoo.backends.keras import build_model
+    from zoo.features import select
+    from zoo.fold import fold
 
-    model = build_model(spec, _tensors(job, spec))
+    part, tensors = select(spec), _tensors(job, spec)
+    if job.get("folded", True):  # as `zoo predict` runs a weights file; False: as create_model builds it for training
+        part, tensors = fold(part, tensors)
+    model = build_model(spec, tensors, part=part)
     forward = tf.function(lambda x: model(x, training=False))
     return lambda x: forward(tf.constant(x)).numpy()
 

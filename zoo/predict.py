@@ -155,7 +155,7 @@ class KerasPredictor:
 
         src = open_source(path)
         self.spec, self.classes = src.spec, src.classes
-        self.model = create_model(None, weights=src.weights)
+        self.model = create_model(None, weights=src.weights, folded=True)
 
     def probabilities(self, path: Path) -> np.ndarray:
         import tensorflow as tf

@@ -12,6 +12,7 @@ import tensorflow as tf
 
 from zoo.errors import ZooError
 from zoo.features import Part, select
+from zoo.fold import fold
 from zoo.graph import INPUT
 from zoo.layers import KINDS
 from zoo.registry import load_weights, resolve_spec
@@ -20,23 +21,19 @@ from zoo.store import resolve as resolve_stored
 from zoo.weights import Weights
 
 _SLAB_BYTES = 1 << 24  # rows written per assign: the only copy of a weight besides its variable
-_WHOLE_BYTES = 1 << 27  # weights up to 128 MiB are assigned whole: every weight of ResNet-50, GoogLeNet, VGG16's convs
 
 
 def _fill(variable, array: np.ndarray, name: str, release=None) -> None:
-    """Write a loaded weight into its freshly created (zeros) variable, releasing the source's pages behind it.
-
-    A weight of up to 128 MiB is assigned whole (a transient copy of its size). A bigger one (the fc6 of
-    AlexNet, 151 MB, and of VGG16, 411 MB) is written a 16 MiB slab of rows at a time: assigned whole, it held
-    its converted tensor beside the variable, +392 MiB for VGG16's fc6 (measured). The price of the slabs:
-    ResourceStridedSliceAssign puts the variable in TensorFlow's copy-on-read mode for good, so every
-    read copies it; all weights written that way made zoo's ResNet-50 forward 0.82-0.89x Keras
-    Applications' at batch 1 (in-process A/B: 168.5 against 149.0 ms for the same model with random
-    weights). Distributed variables take the whole array through their own assign (every replica)."""
+    """Write a loaded weight into its freshly created (zeros) variable a 16 MiB slab of rows at a time,
+    releasing the source's pages behind it. Assigned whole, a weight held its converted tensor beside the
+    variable: +392 MiB for VGG16's fc6 (measured). ResourceStridedSliceAssign leaves the variable in
+    TensorFlow's copy-on-read mode, where every read copies it (a 64 MB variable's `v + 0`: 0.6 ms before,
+    144 ms after; zoo's ResNet-50 forward was 0.82-0.89x Keras Applications'), so the mode is turned off
+    once the weight is in. Distributed variables take the whole array through their own assign (every replica)."""
     if tuple(variable.shape) != array.shape:
         raise ZooError(f"{name}: shape {array.shape} does not fit the layer's {tuple(variable.shape)}")
     target = variable.value
-    if array.ndim == 0 or array.nbytes <= _WHOLE_BYTES or isinstance(target, tf.distribute.DistributedValues):
+    if array.ndim == 0 or isinstance(target, tf.distribute.DistributedValues):
         variable.assign(array)
     else:
         step = max(1, _SLAB_BYTES // max(1, array[:1].nbytes))
@@ -47,6 +44,7 @@ def _fill(variable, array: np.ndarray, name: str, release=None) -> None:
                 value=tf.constant(array[i:end], dtype=target.dtype))
             if release:
                 release(array[i:end])
+        tf.raw_ops.DisableCopyOnRead(resource=target.handle)
     if release:
         release(array)
 
@@ -116,13 +114,15 @@ def model_tensors(model: keras.Model, spec: ModelSpec) -> dict[str, np.ndarray]:
 
 
 def create_model(name="alexnet", weights=None, num_classes: int | None = None, include_top: bool = True,
-                 pooling: str | None = None, outputs=None, input_size=None) -> keras.Model:
+                 pooling: str | None = None, outputs=None, input_size=None, folded: bool = False) -> keras.Model:
     """Build `name` and load `weights` (a verified safetensors path or a `Weights`).
 
     With `num_classes` different from the weights', the head is dropped and re-initialised (timm-style).
     As Keras Applications: `include_top=False` ends at the trunk's output map (zoo.graph.trunk), `pooling`
     "avg" or "max" pools it to one value per channel, `input_size=(h, w)` where every layer kept allows it;
     as timm's features_only: `outputs=[layer, ...]` gives those layers' outputs (zoo.features.select).
+    `folded=True`, for running the model only: batch norms and Scale layers folded into the convs before
+    them (zoo.fold), which TensorFlow then runs as one op with the bias and ReLU.
     """
     weights = resolve_stored(weights, name)  # "stored", a stored name (zoo weights) -> its file; "random" -> None
     if weights is not None and not isinstance(weights, Weights):
@@ -133,4 +133,7 @@ def create_model(name="alexnet", weights=None, num_classes: int | None = None, i
     if weights is None:
         return build_model(spec, part=part)
     head = {t.name for t in spec.node(spec.head).tensors} if spec.num_classes != base.num_classes else set()
-    return build_model(spec, {k: v for k, v in weights.tensors.items() if k not in head}, weights.release, part)
+    tensors = {k: v for k, v in weights.tensors.items() if k not in head}
+    if folded:
+        part, tensors = fold(part, tensors, weights.release)
+    return build_model(spec, tensors, weights.release, part)

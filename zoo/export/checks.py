@@ -37,13 +37,13 @@ class KerasModel:
     def __init__(self, src: Source, include_top: bool, pooling: str | None):
         self.src, self.include_top, self.pooling, self.built = src, include_top, pooling, {}
 
-    def __call__(self, size=None):
-        if size not in self.built:
+    def __call__(self, size=None, folded: bool = False):
+        if (size, folded) not in self.built:
             from zoo.backends.keras import create_model
 
-            self.built[size] = create_model(None, weights=self.src.weights, include_top=self.include_top,
-                                            pooling=self.pooling, input_size=size)
-        return self.built[size]
+            self.built[size, folded] = create_model(None, weights=self.src.weights, include_top=self.include_top,
+                                                    pooling=self.pooling, input_size=size, folded=folded)
+        return self.built[size, folded]
 
     def drop(self) -> None:
         import gc

@@ -62,7 +62,7 @@ def export_savedmodel(src: Source, out: Path, model: KerasModel, reference: np.n
     meta.parent.mkdir(exist_ok=True)
     meta.write_text(json.dumps(artifact_metadata(src), indent=2) + "\n")
     try:
-        module = Exported(model())
+        module = Exported(model(folded=True))  # batch norms folded into the convs: inference only (zoo.fold)
         tf.saved_model.save(module, str(tmp), signatures={"serving_default": module.serve, "serve_rgb": module.serve_rgb,
                                                          "serve_encoded": module.serve_encoded})
         del module

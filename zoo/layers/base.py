@@ -124,6 +124,18 @@ class Kind:
                 out[param] = arr
         return out
 
+    # --- folding for inference (zoo.fold) ------------------------------------------------------------
+
+    def affine(self, cfg: dict, params: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray] | None:
+        """(a, b), float64 per channel, when the layer computes y = a * x + b and nothing else (batch norm
+        at inference, Scale); None otherwise."""
+        return None
+
+    def absorb(self, layer: dict, params: dict[str, np.ndarray], a: np.ndarray, b: np.ndarray):
+        """(layer dict, params) of this layer followed by y = a * x + b per output channel, as one layer of
+        this kind; None when it cannot take it (an activation in between)."""
+        return None
+
     # --- backends ---------------------------------------------------------------------------------
 
     def keras(self, node: Node):
@@ -153,3 +165,13 @@ def spatial(shapes) -> tuple[int, int, int]:
     if len(shapes[0]) != 3:
         raise ValueError(f"needs an (H, W, C) input, got {shapes[0]}")
     return shapes[0]
+
+
+def kernel_absorb(layer: dict, params: dict[str, np.ndarray], a: np.ndarray, b: np.ndarray):
+    """`absorb` for a kernel whose last axis is the output channels (conv HWIO, dense (in, out)) and an
+    optional bias: kernel * a, bias * a + b; the layer then has a bias. Not through a fused activation."""
+    if layer.get("activation"):
+        return None
+    bias = params.get("bias", 0.0)
+    return dict(layer, bias=True), {"kernel": (params["kernel"] * a).astype(np.float32),
+                                    "bias": (bias * a + b).astype(np.float32)}

@@ -51,6 +51,15 @@ class BatchNorm(Kind):
         scale = np.float32(0.0 if f == 0 else 1.0 / f)
         return {"moving_mean": (arrays["0"] * scale).astype(np.float32), "moving_variance": (arrays["1"] * scale).astype(np.float32)}
 
+    def affine(self, cfg, params):
+        a = params.get("gamma", 1.0) / np.sqrt(params["moving_variance"].astype(np.float64) + cfg["epsilon"])
+        return a, params.get("beta", 0.0) - params["moving_mean"] * a
+
+    def absorb(self, layer, params, a, b):  # a Scale after a bias-free batch norm: Keras' batch norm with gamma, beta
+        gamma, beta = params.get("gamma", 1.0) * a, params.get("beta", 0.0) * a + b
+        return dict(layer, scale=True, center=True), {"gamma": gamma.astype(np.float32), "beta": beta.astype(np.float32),
+                                                      "moving_mean": params["moving_mean"], "moving_variance": params["moving_variance"]}
+
     def keras(self, node):
         from keras import layers
 

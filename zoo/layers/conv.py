@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from functools import cache
 
-from zoo.layers.base import REQUIRED, Kind, Node, spatial
+from zoo.layers.base import REQUIRED, Kind, Node, kernel_absorb, spatial
 from zoo.layers.window import geometry
 
 
@@ -42,6 +42,9 @@ class Conv(Kind):
     def macs(self, node: Node) -> int:
         h, w, _ = node.output_shape
         return h * w * math.prod(node.params["kernel"].shape)  # each output position: one kernel's worth per filter
+
+    def absorb(self, layer, params, a, b):
+        return kernel_absorb(layer, params, a, b)
 
     def keras_classes(self):
         return [_keras_class()]

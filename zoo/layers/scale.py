@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from functools import cache
 
+import numpy as np
+
 from zoo.layers.base import Kind, spatial
 
 
@@ -22,6 +24,9 @@ class Scale(Kind):
     def params(self, cfg, shapes):
         c = (shapes[0][-1],)
         return {"gamma": (c, "C")} | ({"beta": (c, "C")} if cfg["bias"] else {})
+
+    def affine(self, cfg, params):
+        return params["gamma"].astype(np.float64), params.get("beta", 0.0)
 
     def keras_classes(self):
         return [_keras_class()]
