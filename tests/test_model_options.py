@@ -236,3 +236,12 @@ def test_headless_onnx_export_takes_any_size(resnet50, tmp_path, cli):
     (at_size,) = session.run(["features"], {"image": resnet50.x_size})
     assert_close(at_224, resnet50.intermediate["avg_pool"], "ONNX Runtime, headless, at 224x224")
     assert_close(at_size, resnet50.headless["avg"], f"ONNX Runtime, headless, at {SIZE[0]}x{SIZE[1]}")
+    # zoo's own sessions plan the graph for the one size they will run (session_options(size=...)): the same
+    # features, and zoo predict's session is fixed at the size its preprocessing gives
+    from zoo.backends.onnx import session_options
+    from zoo.predict import OnnxPredictor
+
+    fixed = ort.InferenceSession(str(tmp_path / "model.onnx"), session_options(size=SIZE), providers=["CPUExecutionProvider"])
+    assert fixed.get_inputs()[0].shape == ["batch", *SIZE, 3]
+    assert_close(fixed.run(["features"], {"image": resnet50.x_size})[0], resnet50.headless["avg"], "ONNX Runtime, planned for the size")
+    assert OnnxPredictor(tmp_path / "model.onnx").session.get_inputs()[0].shape == ["batch", 224, 224, 3]

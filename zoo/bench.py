@@ -275,6 +275,6 @@ def _onnx(job, spec):
         path = str(Path(job["spec"]).with_name(Path(job["spec"]).name.replace(".spec.json", ".onnx")))
         model, inits = onnx_graph(spec, _tensors(job, spec), [str(i) for i in range(spec.num_classes)])
         write_onnx(path, model, inits)
-    session = ort.InferenceSession(path, session_options(), providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(path, session_options(size=spec.input["size"]), providers=["CPUExecutionProvider"])
     given, wanted = session.get_inputs()[0].name, session.get_outputs()[0].name
     return lambda x: session.run([wanted], {given: x})

@@ -34,18 +34,25 @@ class OnnxPredictor:
     """ONNX Runtime with Pillow/numpy preprocessing: no TensorFlow needed."""
 
     def __init__(self, path: Path):
-        import onnxruntime as ort
+        from zoo.backends.onnx import SIZE_DIMS, session_options
 
-        from zoo.backends.onnx import session_options
-
-        try:
-            self.session = ort.InferenceSession(str(path), session_options(), providers=ort.get_available_providers())
-        except Exception as e:  # onnxruntime's own errors for a file that is no model (InvalidProtobuf, Fail)
-            raise ZooError(f"not a readable ONNX model ({one_line(str(e), 200)})", path) from None
+        self.session = self._session(path, session_options())
         meta = self.session.get_modelmeta().custom_metadata_map
         if "zoo.input" not in meta:
             raise ZooError("an ONNX file without zoo metadata (export it with `zoo export`)", path)
         self.input, self.classes = json.loads(meta["zoo.input"]), json.loads(meta["zoo.classes"])
+        if set(SIZE_DIMS) & set(map(str, self.session.get_inputs()[0].shape)):  # any size: planned again for the one it gets
+            del self.session
+            self.session = self._session(path, session_options(size=self.input["size"]))
+
+    @staticmethod
+    def _session(path: Path, options):
+        import onnxruntime as ort
+
+        try:
+            return ort.InferenceSession(str(path), options, providers=ort.get_available_providers())
+        except Exception as e:  # onnxruntime's own errors for a file that is no model (InvalidProtobuf, Fail)
+            raise ZooError(f"not a readable ONNX model ({one_line(str(e), 200)})", path) from None
 
     def probabilities(self, path: Path) -> np.ndarray:
         from zoo.preprocess import np_eval_image

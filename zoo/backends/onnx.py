@@ -22,14 +22,21 @@ from zoo.spec import ModelSpec
 DEFAULT_OPSET = 17
 
 
-def session_options(threads: int | None = None):
+SIZE_DIMS = ("height", "width")  # the input's symbolic dimensions where the graph takes any size (size_free)
+
+
+def session_options(threads: int | None = None, size=None):
     """The ONNX Runtime session options zoo runs its graphs with (zoo predict, zoo bench): every graph
     optimisation (ORT_ENABLE_ALL, ONNX Runtime's default: on AVX2/AVX-512 CPUs the convs run in its blocked
     NCHWc layout, with batch norms, biases and ReLUs folded into them) and as many intra-op threads as the
     CPUs this process may run on. ONNX Runtime's own default counts the machine's cores: a process confined
     to fewer (taskset, a container's cpuset) then runs more threads than CPUs, and they spin against each
     other (ResNet-50, batch 1, confined to one of two cores: 128 ms of CPU a forward instead of 70 ms;
-    docs/performance.md, issue 18)."""
+    docs/performance.md, issue 18).
+
+    `size` (H, W): the size every call will have, given to a graph with symbolic height and width. Not knowing
+    it, ONNX Runtime cannot prove a ResNet block's residual sum the size of its last conv's output and does not
+    add in place: that conv ran 15-80% slower, the network 7-10% at batch 32 (docs/performance.md)."""
     import os
 
     import onnxruntime as ort
@@ -37,6 +44,8 @@ def session_options(threads: int | None = None):
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.intra_op_num_threads = threads or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+    for dim, value in zip(SIZE_DIMS, size or ()):  # ignored by a graph without them
+        options.add_free_dimension_override_by_name(dim, int(value))
     return options
 
 
@@ -78,7 +87,7 @@ def onnx_graph(spec: ModelSpec, tensors: dict[str, np.ndarray], classes: list[st
     if len(part.outputs) != 1:
         raise ZooError(f"an ONNX export has one output, not {len(part.outputs)}: {', '.join(part.outputs)}")
     g, result = _nodes(part, tensors)
-    (h, w), c = ("height", "width") if dynamic else part.size, part.input_shape[2]
+    (h, w), c = SIZE_DIMS if dynamic else part.size, part.input_shape[2]
     shape = part.output_shape(part.outputs[0])
     if part.logits:
         g.node("Identity", [result], "logits")

@@ -38,14 +38,18 @@ class KerasModel:
         self.src, self.include_top, self.pooling, self.built = src, include_top, pooling, {}
 
     def __call__(self, size=None, folded: bool = False):
+        """The model at `size`, `folded` for inference (zoo.fold) or as trained; one at a time: another is dropped first."""
         if (size, folded) not in self.built:
             from zoo.backends.keras import create_model
 
+            self.drop()
             self.built[size, folded] = create_model(None, weights=self.src.weights, include_top=self.include_top,
                                                     pooling=self.pooling, input_size=size, folded=folded)
         return self.built[size, folded]
 
     def drop(self) -> None:
+        if not self.built:
+            return
         import gc
 
         import keras
