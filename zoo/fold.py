@@ -32,22 +32,27 @@ def fold(part: Part, tensors: dict[str, np.ndarray], release=None) -> tuple[Part
     for node in part.nodes:
         inputs = [into.get(i, i) for i in node.inputs]
         src = inputs[0]
-        foldable = len(inputs) == 1 and src in kept and len(users[node.inputs[0]]) == 1 and \
+        alone = len(inputs) == 1 and src in kept and len(users[node.inputs[0]]) == 1 and \
             not {node.name, node.inputs[0]} & set(part.outputs)
-        mine = _given(node, tensors) if foldable else None
-        theirs = params.get(src) or _given(by_name[src], tensors) if mine is not None else None
-        affine = KINDS[node.kind].affine(node.config, mine) if theirs is not None else None
-        absorbed = affine and KINDS[kept[src]["kind"]].absorb(kept[src], theirs, *affine)
-        if absorbed:
-            kept[src], params[src] = absorbed
-            into[node.name] = src
-            for array in [*mine.values(), *theirs.values()] if release else ():
-                release(array)
+        absorbed = alone and _absorbed(node, kept[src], params.get(src) or _given(by_name[src], tensors), tensors)
+        if not absorbed:
+            kept[node.name] = dict(layers[node.name], inputs=inputs)
             continue
-        kept[node.name] = dict(layers[node.name], inputs=inputs)
+        kept[src], params[src] = absorbed
+        into[node.name] = src
+        for t in (*node.tensors, *by_name[src].tensors) if release else ():
+            release(tensors[t.name])
     nodes = graph.infer(list(kept.values()), part.input_shape, f"{part.spec.id}, folded")
     rest = {t.name: tensors[t.name] for n in nodes if n.name not in params for t in n.tensors if t.name in tensors}
     return replace(part, nodes=nodes), rest | {f"{layer}.{p}": a for layer, ps in params.items() for p, a in ps.items()}
+
+
+def _absorbed(node, layer: dict, weights: dict | None, tensors) -> tuple[dict, dict] | None:
+    """(layer dict, weights) of `layer` with `node` folded in; None where `node` is no affine layer, a weight is
+    missing or `layer`'s kind cannot take it."""
+    mine = _given(node, tensors)
+    affine = KINDS[node.kind].affine(node.config, mine) if mine is not None and weights is not None else None
+    return KINDS[layer["kind"]].absorb(layer, weights, *affine) if affine else None
 
 
 def _given(node, tensors) -> dict | None:
