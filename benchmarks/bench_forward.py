@@ -334,6 +334,14 @@ def main():
     print(table(results, rounds, wanted, batches, families))
 
 
+def peers_of(spec_id: str, runtime: str) -> list[str]:
+    """What zoo's `runtime` of `spec_id` is compared with: torchvision's model exported by torch.onnx (zoo's ONNX
+    of the @torchvision versions) and Keras Applications' model of the family (every runtime)."""
+    family = spec_id.split("@")[0]
+    return (["torch.onnx"] if spec_id in TORCHVISION and runtime == "onnx" else []) + \
+        (["keras.applications"] if family in KERAS_APPLICATIONS else [])
+
+
 def table(results, rounds, wanted, batches, families) -> str:
     sgemm = statistics.median(results["sgemm"])
     fma = results["fma_gflops_per_core"]
@@ -355,8 +363,7 @@ def table(results, rounds, wanted, batches, families) -> str:
                 key = (spec_id, runtime, batch)
                 if key not in rounds:
                     continue
-                peers = [(spec_id, "torch.onnx", batch)] if runtime == "onnx" else []
-                peers += [(family, "keras.applications", batch)]
+                peers = [(spec_id if p == "torch.onnx" else family, p, batch) for p in peers_of(spec_id, runtime)]
                 peers = [p for p in peers if p in rounds]
                 zoo = rate(key)
                 named = "; ".join(f"{p[1]} {rate(p):.2f}" for p in peers) or "-"

@@ -28,7 +28,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from bench_forward import KERAS_APPLICATIONS, TORCHVISION, application_job, prepare, run_quiet  # noqa: E402
+from bench_forward import KERAS_APPLICATIONS, application_job, peers_of, prepare, run_quiet  # noqa: E402
 
 CHILD = r"""
 import json, sys, time
@@ -52,12 +52,6 @@ print("RESULT " + json.dumps(times), flush=True)
 
 
 TRAINABLE = "keras unfolded"  # the model create_model builds for fine-tuning: batch norms as layers (zoo.fold)
-
-
-def peers_of(spec_id: str, runtime: str) -> list[str]:
-    family = spec_id.split("@")[0]
-    return (["torch.onnx"] if spec_id in TORCHVISION and runtime == "onnx" else []) + \
-        (["keras.applications"] if family in KERAS_APPLICATIONS else [])
 
 
 def ways_of(spec_id: str, folder: Path, args) -> dict[str, dict]:
