@@ -243,13 +243,9 @@ def _keras(job, spec):
     import tensorflow as tf
 
     from zoo.backends.keras import build_model
-    from zoo.features import select
-    from zoo.fold import fold
 
-    part, tensors = select(spec), _tensors(job, spec)
-    if job.get("folded", True):  # as `zoo predict` runs a weights file; False: as create_model builds it for training
-        part, tensors = fold(part, tensors)
-    model = build_model(spec, tensors, part=part)
+    # folded as `zoo predict` runs a weights file; False: as create_model builds it for training
+    model = build_model(spec, _tensors(job, spec), folded=job.get("folded", True))
     forward = tf.function(lambda x: model(x, training=False))
     return lambda x: forward(tf.constant(x)).numpy()
 

@@ -68,14 +68,19 @@ def _layer(node, weights: dict):
     return layer, given
 
 
-def build_model(spec: ModelSpec, weights: dict[str, np.ndarray] | None = None, release=None, part: Part | None = None) -> keras.Model:
+def build_model(spec: ModelSpec, weights: dict[str, np.ndarray] | None = None, release=None, part: Part | None = None,
+                folded: bool = False) -> keras.Model:
     """A keras.Model computing `spec` (or the `part` of it that zoo.features.select chose) on inputs
     preprocessed as the spec says, its weighted layers filled with `weights` (canonical names, _fill) where
     given, randomly initialised otherwise. `release(array)` follows each use of a weight (mapped weights let
     their pages go). One output is the model's output; several are a list, in the order given (timm's
-    features_only). `model.zoo_part` is the part: its `input` says how to preprocess images for the model."""
+    features_only). `model.zoo_part` is the part: its `input` says how to preprocess images for the model.
+    `folded`: for running the model only, batch norms and Scale layers folded into the convs before them
+    (zoo.fold), which TensorFlow then runs as one op with the bias and ReLU."""
     part = part or select(spec)
     weights = weights or {}
+    if folded:
+        part, weights = fold(part, weights, release)
     layers, loaded = {}, []
     for node in part.nodes:
         layers[node.name], params = _layer(node, weights)
@@ -121,8 +126,7 @@ def create_model(name="alexnet", weights=None, num_classes: int | None = None, i
     As Keras Applications: `include_top=False` ends at the trunk's output map (zoo.graph.trunk), `pooling`
     "avg" or "max" pools it to one value per channel, `input_size=(h, w)` where every layer kept allows it;
     as timm's features_only: `outputs=[layer, ...]` gives those layers' outputs (zoo.features.select).
-    `folded=True`, for running the model only: batch norms and Scale layers folded into the convs before
-    them (zoo.fold), which TensorFlow then runs as one op with the bias and ReLU.
+    `folded=True`: for running the model only (build_model).
     """
     weights = resolve_stored(weights, name)  # "stored", a stored name (zoo weights) -> its file; "random" -> None
     if weights is not None and not isinstance(weights, Weights):
@@ -131,9 +135,6 @@ def create_model(name="alexnet", weights=None, num_classes: int | None = None, i
     spec = base.with_num_classes(num_classes) if num_classes else base
     part = select(spec, include_top, pooling, outputs, input_size)
     if weights is None:
-        return build_model(spec, part=part)
+        return build_model(spec, part=part, folded=folded)
     head = {t.name for t in spec.node(spec.head).tensors} if spec.num_classes != base.num_classes else set()
-    tensors = {k: v for k, v in weights.tensors.items() if k not in head}
-    if folded:
-        part, tensors = fold(part, tensors, weights.release)
-    return build_model(spec, tensors, weights.release, part)
+    return build_model(spec, {k: v for k, v in weights.tensors.items() if k not in head}, weights.release, part, folded)

@@ -166,12 +166,3 @@ def spatial(shapes) -> tuple[int, int, int]:
         raise ValueError(f"needs an (H, W, C) input, got {shapes[0]}")
     return shapes[0]
 
-
-def kernel_absorb(layer: dict, params: dict[str, np.ndarray], a: np.ndarray, b: np.ndarray):
-    """`absorb` for a kernel whose last axis is the output channels (conv HWIO, dense (in, out)) and an
-    optional bias: kernel * a, bias * a + b; the layer then has a bias. Not through a fused activation."""
-    if layer.get("activation"):
-        return None
-    bias = params.get("bias", 0.0)
-    return dict(layer, bias=True), {"kernel": (params["kernel"] * a).astype(np.float32),
-                                    "bias": (bias * a + b).astype(np.float32)}

@@ -11,7 +11,9 @@ from __future__ import annotations
 import math
 from functools import cache
 
-from zoo.layers.base import REQUIRED, Kind, Node, kernel_absorb, spatial
+import numpy as np
+
+from zoo.layers.base import REQUIRED, Kind, Node, spatial
 from zoo.layers.window import geometry
 
 
@@ -43,8 +45,11 @@ class Conv(Kind):
         h, w, _ = node.output_shape
         return h * w * math.prod(node.params["kernel"].shape)  # each output position: one kernel's worth per filter
 
-    def absorb(self, layer, params, a, b):
-        return kernel_absorb(layer, params, a, b)
+    def absorb(self, layer, params, a, b):  # kernel * a over its output channels, bias * a + b; not through a fused ReLU
+        if layer.get("activation"):
+            return None
+        bias = params.get("bias", 0.0)
+        return dict(layer, bias=True), {"kernel": (params["kernel"] * a).astype(np.float32), "bias": (bias * a + b).astype(np.float32)}
 
     def keras_classes(self):
         return [_keras_class()]
