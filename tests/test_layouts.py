@@ -30,16 +30,60 @@ def test_rows_to_columns_casts_into_the_output_dtype():
 
 
 def test_released_slabs_cover_every_row_once_and_the_result_holds():
-    """The release callback lets a mapped source's pages go while the output fills (two threads here)."""
-    w = np.random.default_rng(2).standard_normal((1000, 2048), dtype=np.float32)
-    out = np.empty((2048, 1000), np.float32)
-    seen = np.zeros(1000, int)
-    base = w.__array_interface__["data"][0]
+    """The release callback lets a mapped source's pages go while the output fills (two threads here), for a
+    matrix over 16 MiB; a smaller one is released whole by its caller, not slab by slab."""
+    for rows, released in ((2100, 1), (1000, 0)):
+        w = np.random.default_rng(2).standard_normal((rows, 2048), dtype=np.float32)
+        out = np.empty((2048, rows), np.float32)
+        seen = np.zeros(rows, int)
+        base = w.__array_interface__["data"][0]
 
-    def release(rows):
-        first = (rows.__array_interface__["data"][0] - base) // w.strides[0]
-        seen[first:first + rows.shape[0]] += 1
+        def release(part, w=w, seen=seen, base=base):
+            first = (part.__array_interface__["data"][0] - base) // w.strides[0]
+            seen[first:first + part.shape[0]] += 1
 
-    rows_to_columns(w, (2048, 1, 1), out, release)
-    np.testing.assert_array_equal(out, w.T)
-    assert (seen == 1).all()
+        rows_to_columns(w, (2048, 1, 1), out, release)
+        np.testing.assert_array_equal(out, w.T)
+        assert (seen == released).all()
+
+
+def _two_size_spec():
+    """A conv whose kernel is small (computed into a buffer when written) and a dense over 16 MiB (computed in
+    the mapped output file)."""
+    from zoo.spec import ModelSpec
+
+    return ModelSpec.from_dict({
+        "family": "sizes", "version": "test", "input": {"size": [64, 64], "channels": 3}, "head": "fc", "num_classes": 400,
+        "layers": [{"name": "conv", "kind": "conv", "filters": 3, "kernel": 3, "pad": 1},
+                   {"name": "flatten", "kind": "flatten"},
+                   {"name": "fc", "kind": "dense", "units": 400}]})
+
+
+@pytest.mark.parametrize("bad", [None, "conv.kernel", "fc.kernel"])
+def test_transforms_are_written_exactly_and_nan_is_caught_on_either_path(tmp_path, bad):
+    from safetensors.numpy import load_file
+
+    from zoo.errors import ZooError
+    from zoo.layouts import rows_to_canonical
+    from zoo.weights import save_weights
+
+    spec = _two_size_spec()
+    rng = np.random.default_rng(3)
+    rows = {"conv.kernel": (rng.standard_normal((3, 27), np.float32), (3, 3, 3)),
+            "fc.kernel": (rng.standard_normal((400, 64 * 64 * 3), np.float32), (3, 64, 64))}  # C,H,W flatten order
+    assert rows["fc.kernel"][0].nbytes > 1 << 24 > rows["conv.kernel"][0].nbytes
+    if bad:
+        rows[bad][0][-1, -1] = np.nan
+    tensors = {name: rows_to_canonical(w, spec.tensors[name].shape, chw) for name, (w, chw) in rows.items()}
+    tensors |= {"conv.bias": np.zeros(3, np.float32), "fc.bias": np.ones(400, np.float32)}
+    out = tmp_path / "w.safetensors"
+    if bad:
+        with pytest.raises(ZooError, match=f"{bad} holds NaN"):
+            save_weights(out, spec, tensors)
+        assert list(tmp_path.iterdir()) == []
+        return
+    save_weights(out, spec, tensors)
+    got = load_file(out)
+    for name, (w, (c, h, wd)) in rows.items():
+        expected = w.reshape(-1, c, h, wd).transpose(2, 3, 1, 0).reshape(spec.tensors[name].shape)
+        np.testing.assert_array_equal(got[name], expected)

@@ -28,6 +28,7 @@ class Deferred:
 
 _SLAB = 256  # source rows per step: permuted into a buffer, then written out tile by tile
 _TILE = 64  # buffer columns per tile: the tile's output rows each get 256 contiguous values (1 KiB) per visit
+_RELEASE_BY_SLAB = 1 << 24  # bytes of a source matrix over which its pages go slab by slab
 _PAD = 16  # floats added to the buffer's row pitch: a power-of-two pitch (fc7's 4096) thrashes cache sets
 
 
@@ -43,11 +44,14 @@ def rows_to_columns(w: np.ndarray, chw: tuple[int, int, int], out: np.ndarray, r
     fresh mapped file with all of VGG16's kernels: 0.31-0.44 s instead of 0.40-0.50 s (ResNet-50 0.08-0.11
     instead of 0.11-0.12). Big matrices use two threads (numpy copies release the GIL).
 
-    `release(rows)`, if given, is called with each slab of `w` once it is in the buffer: a mapped
-    source's pages go while the output fills, so the two are never both resident (VGG16's fc6, 411 MB:
-    peak 1.04x the file instead of 1.57x)."""
+    `release(rows)`, if given, is called with each slab of a `w` over 16 MiB once it is in the buffer: a
+    mapped source's pages go while the output fills, so the two are never both resident (VGG16's fc6,
+    411 MB: peak 1.04x the file instead of 1.57x). A smaller `w` is left to its caller to release whole: a
+    release drops the 2 MiB folios around the slab (zoo.mapped.release_pages), pages the next slabs still
+    read, which were then faulted in again (ResNet-50's kernels from torch: 17,000 page faults more)."""
     rows, cols = w.shape
     c, h, wd = chw
+    release = release if w.nbytes > _RELEASE_BY_SLAB else None
 
     def copy(lo, hi):
         buf = np.empty((min(_SLAB, hi - lo), cols + _PAD), dtype=w.dtype)
