@@ -149,6 +149,7 @@ def test_mapped_datasets_are_written_from_the_file_and_let_go_chunk_by_chunk(tmp
 
     released = []
     monkeypatch.setattr(zoo.weights, "_CHUNK", 64)  # values per chunk: the small layers span several
+    monkeypatch.setattr(zoo.weights, "_RELEASE_MIN", 0)  # arrays under 2 MiB are otherwise left to their neighbours
     monkeypatch.setattr(keras_h5, "release_pages", lambda data, arr: released.append(np.lib.array_utils.byte_bounds(arr)))
     layers = small_layers()
     path = tmp_path / "w.h5"
@@ -166,3 +167,7 @@ def test_mapped_datasets_are_written_from_the_file_and_let_go_chunk_by_chunk(tmp
     assert sum(hi - lo for lo, hi in spans) == sum(a.nbytes for arrays in layers.values() for a in arrays)
     assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:])), "a chunk released twice"
     assert max(hi - lo for lo, hi in spans) == 64 * 4 and len(spans) > len(layers) * 2
+    released.clear()
+    monkeypatch.setattr(zoo.weights, "_RELEASE_MIN", 1 << 21)
+    convert(path, output=tmp_path / "again.safetensors")
+    assert released == []  # a release drops the 2 MiB around an array: the neighbours' pages, for these

@@ -307,9 +307,15 @@ def _place(f, base: int, tensors: dict, offsets: list[int], on_written, release=
         return not_finite
 
 
+_RELEASE_MIN = 1 << 21  # a smaller array's pages are left to its neighbours' releases
+
+
 def _write_array(fd: int, offset: int, arr: np.ndarray, release=None) -> bool:
     """pwrite `arr`'s values, little-endian, at `offset`, a chunk at a time, each scanned for NaN/inf first and
-    released after; whether all are finite."""
+    released after; whether all are finite. An array under 2 MiB is not released: a release drops the 2 MiB
+    folios around it (zoo.mapped.release_pages), for a batch norm's vector mostly the pages of the kernels
+    beside it, which the other threads were reading (faulted in again, with a TLB flush on both cores).
+    The kernels' own releases drop those folios once they are written."""
     flat = np.ascontiguousarray(arr).reshape(-1)
     if flat.dtype != flat.dtype.newbyteorder("<"):  # big-endian values are written as safetensors stores them
         flat = flat.astype(flat.dtype.newbyteorder("<"))
@@ -321,7 +327,7 @@ def _write_array(fd: int, offset: int, arr: np.ndarray, release=None) -> bool:
         while view:
             written = os.pwrite(fd, view, at)
             view, at = view[written:], at + written
-        if release:
+        if release and arr.nbytes >= _RELEASE_MIN:
             release(chunk)
     return finite
 
