@@ -14,15 +14,23 @@ from zoo.layers import KINDS, REQUIRED, Node, TensorSpec
 INPUT = "input"
 
 
+_WIRING = frozenset({"name", "kind", "inputs"})  # a layer's keys that are not its kind's config
+
+
 def _config(kind, layer: dict) -> dict:
-    given = {k: v for k, v in layer.items() if k not in ("name", "kind", "inputs")}
-    unknown = sorted(set(given) - set(kind.schema))
+    schema = kind.schema
+    cfg, unknown = dict(schema), []
+    for k, v in layer.items():
+        if k in schema:
+            cfg[k] = v
+        elif k not in _WIRING:
+            unknown.append(k)
     if unknown:
-        raise ValueError(f"unknown config {', '.join(unknown)} for kind {kind.name} (it takes: {', '.join(kind.schema) or 'none'})")
-    missing = [k for k, v in kind.schema.items() if v is REQUIRED and k not in given]
+        raise ValueError(f"unknown config {', '.join(sorted(unknown))} for kind {kind.name} (it takes: {', '.join(schema) or 'none'})")
+    missing = [k for k, v in cfg.items() if v is REQUIRED]
     if missing:
         raise ValueError(f"missing {', '.join(missing)}")
-    return {k: given.get(k, v) for k, v in kind.schema.items()}
+    return cfg
 
 
 def _inputs(layer: dict, previous: str) -> tuple[str, ...]:

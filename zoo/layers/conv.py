@@ -13,7 +13,7 @@ from functools import cache
 
 import numpy as np
 
-from zoo.layers.base import REQUIRED, Kind, Node, spatial
+from zoo.layers.base import REQUIRED, Kind, Node, pair, spatial
 from zoo.layers.window import geometry
 
 
@@ -37,7 +37,7 @@ class Conv(Kind):
 
     def params(self, cfg, shapes):
         c = shapes[0][2]
-        (kh, kw), *_ = geometry(cfg, "kernel", shapes[0][:2])
+        kh, kw = pair(cfg["kernel"])  # checked by output_shape
         out = {"kernel": ((kh, kw, c // cfg["groups"], cfg["filters"]), "HWIO")}
         return out | ({"bias": ((cfg["filters"],), "O")} if cfg["bias"] else {})
 
