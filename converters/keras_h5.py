@@ -158,6 +158,7 @@ class _Reader:
     def __init__(self, path, max_bytes: int, data=b""):
         self.path, self.max_bytes, self.data = path, max_bytes, data  # data: the mapped file (map_file) or archive member
         self.links: dict[str, int] = {}  # path in the file -> link type (walk)
+        self.children: dict[str, list[str]] = {}  # path of a group the walk went through -> its links' names
 
     def dataset(self, node) -> Stored:
         """`node`, checked as a tensor to read (declarations only: nothing is read): a float dataset stored in this
@@ -197,6 +198,15 @@ class _Reader:
 
         root.id.links.visit(record, info=True)
         self.links = links if len(links) <= _MAX_WALKED else {}
+        for path in self.links:
+            parent, _, name = path.rpartition("/")
+            self.children.setdefault(parent, []).append(name)
+
+    def names_in(self, group) -> list[str]:
+        """The names linked from `group`, as the walk met them (no HDF5 call), else as h5py lists them (a group the
+        walk did not go through: one reached through a soft link, or one it found empty)."""
+        met = self.children.get(group.name.lstrip("/"))
+        return met if met is not None else list(group)
 
     def member(self, group, path: str):
         """group[path], a path the file names, resolved as Keras' safe_get_h5_group/dataset do: each part must be
@@ -256,11 +266,14 @@ class _Reader:
             sub = self.member(group, key)
             if not isinstance(sub, h5py.Group):  # a dataset beside the layers' groups is no layer
                 continue
-            members = set(sub)
+            members = set(self.names_in(sub))
             variables = self.member(sub, "vars") if "vars" in members else None
+            n = len(self.names_in(variables)) if variables is not None else 0
             name, inner = named.get(key, (key, None))
-            name = prefix + (name if variables is None else _text(variables.attrs.get("name", name)))
-            if variables is not None and (n := len(variables)):
+            if n or "layers" in members:  # the name is used (an attribute read costs as much as opening a dataset)
+                name = name if variables is None else _text(variables.attrs.get("name", name))
+            name = prefix + name
+            if n:
                 layers[name] = {str(i): self.dataset(self.member(variables, str(i))) for i in range(n)}
             if "layers" in members:  # a nested model
                 layers.update(self.keras3(self.member(sub, "layers"), name + "/", inner))
