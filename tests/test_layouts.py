@@ -3,17 +3,20 @@
 import numpy as np
 import pytest
 
+import zoo.layouts
 from zoo.layouts import rows_to_columns
 
 
+@pytest.mark.parametrize("threads", [1, 2])  # 2: the split that matrices of 64 MiB or more get, forced here
 @pytest.mark.parametrize("shape, chw", [
     ((96, 3 * 11 * 11), (3, 11, 11)),  # conv1 OIHW -> HWIO
     ((70, 33), (33, 1, 1)),  # dense (out, in), rows not a multiple of the slab
-    ((1000, 4096), (4096, 1, 1)),  # fc8: two threads, power-of-two pitch
+    ((1000, 4096), (4096, 1, 1)),  # fc8: power-of-two pitch
     ((300, 64 * 6 * 6), (64, 6, 6)),  # dense after a C,H,W flatten: rows reordered to H,W,C
     ((5, 7), (7, 1, 1)),  # fewer rows than one slab
 ])
-def test_rows_to_columns_matches_numpy(shape, chw):
+def test_rows_to_columns_matches_numpy(shape, chw, threads, monkeypatch):
+    monkeypatch.setattr(zoo.layouts, "_THREADED", 1 << 26 if threads == 1 else 0)
     w = np.random.default_rng(0).standard_normal(shape, dtype=np.float32)
     c, h, wd = chw
     expected = w.reshape(shape[0], c, h, wd).transpose(2, 3, 1, 0).reshape(-1, shape[0])
@@ -29,9 +32,10 @@ def test_rows_to_columns_casts_into_the_output_dtype():
     np.testing.assert_array_equal(out, w.T.astype(np.float32))
 
 
-def test_released_slabs_cover_every_row_once_and_the_result_holds():
-    """The release callback lets a mapped source's pages go while the output fills (two threads here), for a
-    matrix over 16 MiB; a smaller one is released whole by its caller, not slab by slab."""
+def test_released_slabs_cover_every_row_once_and_the_result_holds(monkeypatch):
+    """The release callback lets a mapped source's pages go while the output fills (on two threads, forced here),
+    for a matrix over 16 MiB; a smaller one is released whole by its caller, not slab by slab."""
+    monkeypatch.setattr(zoo.layouts, "_THREADED", 0)
     for rows, released in ((2100, 1), (1000, 0)):
         w = np.random.default_rng(2).standard_normal((rows, 2048), dtype=np.float32)
         out = np.empty((2048, rows), np.float32)

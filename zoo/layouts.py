@@ -29,6 +29,10 @@ class Deferred:
 _SLAB = 256  # source rows per step: permuted into a buffer, then written out tile by tile
 _TILE = 64  # buffer columns per tile: the tile's output rows each get 256 contiguous values (1 KiB) per visit
 _RELEASE_BY_SLAB = 1 << 24  # bytes of a source matrix over which its pages go slab by slab
+# bytes of a matrix from which on two threads transpose it: a smaller one runs beside the other tensors on the
+# writer's two threads (zoo.weights._place), where two more only contended (ResNet-50 from torch: writing
+# 0.78x the time, VGG16 0.86x, with the threshold at 4 MiB before); fc6 and fc7 of VGG16 and AlexNet still split
+_THREADED = 1 << 26
 _PAD = 16  # floats added to the buffer's row pitch: a power-of-two pitch (fc7's 4096) thrashes cache sets
 
 
@@ -42,7 +46,7 @@ def rows_to_columns(w: np.ndarray, chw: tuple[int, int, int], out: np.ndarray, r
     out in tiles of 64 of its columns, so each output row gets 256 contiguous values per visit (before:
     32-row slabs written whole, 32 values, 128 bytes, per visit of each output row). Filling a
     fresh mapped file with all of VGG16's kernels: 0.31-0.44 s instead of 0.40-0.50 s (ResNet-50 0.08-0.11
-    instead of 0.11-0.12). Big matrices use two threads (numpy copies release the GIL).
+    instead of 0.11-0.12). Matrices of 64 MiB or more use two threads (numpy copies release the GIL).
 
     `release(rows)`, if given, is called with each slab of a `w` over 16 MiB once it is in the buffer: a
     mapped source's pages go while the output fills, so the two are never both resident (VGG16's fc6,
@@ -65,7 +69,7 @@ def rows_to_columns(w: np.ndarray, chw: tuple[int, int, int], out: np.ndarray, r
                 out[j:j + _TILE, i:i + n] = slab[:, j:j + _TILE].T
 
     half = rows // 2 // 16 * 16  # the threads' output columns meet at a cache line
-    if w.nbytes < 1 << 22 or half == 0:
+    if w.nbytes < _THREADED or half == 0:
         copy(0, rows)
     else:
         from concurrent.futures import ThreadPoolExecutor
