@@ -34,7 +34,9 @@ def _config(kind, layer: dict) -> dict:
 
 
 def _inputs(layer: dict, previous: str) -> tuple[str, ...]:
-    inputs = layer.get("inputs", [previous])
+    inputs = layer.get("inputs")
+    if inputs is None:  # most layers: the one before
+        return (previous,)
     if isinstance(inputs, str):
         inputs = [inputs]
     if not isinstance(inputs, list) or not inputs or not all(isinstance(i, str) for i in inputs):
@@ -50,12 +52,11 @@ def infer(layers, input_shape: tuple[int, ...], where: str) -> tuple[Node, ...]:
     previous = INPUT
     for layer in layers:
         name = layer.get("name") if isinstance(layer, dict) else None
-        at = f"{where}, layer {name!r}"
         if not isinstance(name, str) or not name or name in shapes:
-            raise ZooError(f"{at}: layer names must be unique, non-empty and not {INPUT!r}")
+            raise ZooError(f"{where}, layer {name!r}: layer names must be unique, non-empty and not {INPUT!r}")
         kind = KINDS.get(layer.get("kind")) if isinstance(layer.get("kind"), str) else None
         if kind is None:
-            raise ZooError(f"{at}: unknown kind {layer.get('kind')!r} (known: {', '.join(sorted(KINDS))})")
+            raise ZooError(f"{where}, layer {name!r}: unknown kind {layer.get('kind')!r} (known: {', '.join(sorted(KINDS))})")
         try:
             inputs = _inputs(layer, previous)
             unknown = [i for i in inputs if i not in shapes]
@@ -70,7 +71,7 @@ def infer(layers, input_shape: tuple[int, ...], where: str) -> tuple[Node, ...]:
             tensors = tuple(TensorSpec(f"{name}.{p}", name, p, tuple(shape), layout)
                             for p, (shape, layout) in kind.params(cfg, in_shapes).items())
         except (KeyError, ValueError, TypeError) as e:
-            raise ZooError(f"{at}: {e if not isinstance(e, KeyError) else f'missing {e}'}") from None
+            raise ZooError(f"{where}, layer {name!r}: {e if not isinstance(e, KeyError) else f'missing {e}'}") from None
         flat = in_shapes[0] if kind.name == "flatten" and len(in_shapes[0]) == 3 else \
             flat_from[inputs[0]] if kind.passthrough else None
         nodes[name] = Node(name, kind.name, cfg, inputs, tuple(in_shapes), out, tensors, flat_from[inputs[0]])
