@@ -202,25 +202,27 @@ class _Reader:
             parent, _, name = path.rpartition("/")
             self.children.setdefault(parent, []).append(name)
 
-    def names_in(self, group) -> list[str]:
-        """The names linked from `group`, as the walk met them (no HDF5 call), else as h5py lists them (a group the
-        walk did not go through: one reached through a soft link, or one it found empty)."""
-        met = self.children.get(group.name.lstrip("/"))
+    def names_in(self, group, at: str | None = None) -> list[str]:
+        """The names linked from `group` (at `at` in the file, if known), as the walk met them (no HDF5 call), else as
+        h5py lists them (a group the walk did not go through: one reached through a soft link, or one it found empty)."""
+        met = self.children.get((group.name if at is None else at).lstrip("/"))
         return met if met is not None else list(group)
 
-    def member(self, group, path: str):
+    def member(self, group, path: str, at: str | None = None):
         """group[path], a path the file names, resolved as Keras' safe_get_h5_group/dataset do: each part must be
         there, and a link to another file is refused. The links are looked at before any is followed, and the
-        object is then opened in one lookup: a Group, or a dataset's low-level id (for `dataset`)."""
+        object is then opened in one lookup: a Group, or a dataset's low-level id (for `dataset`). `at`: the group's
+        path in the file, where the caller knows it (h5py asks HDF5 for it each time)."""
         import h5py
 
-        kind = self.links.get(f"{group.name}/{path}".lstrip("/"))
+        kind = self.links.get(f"{group.name if at is None else at}/{path}".lstrip("/"))
+        walked = kind == h5py.h5l.TYPE_HARD  # met by the walk, hard links all the way: they stay in this file
         if kind is None:  # not met by the walk: a path through a soft link, or none
             kind = self._link_by_link(group, path)
         if kind == h5py.h5l.TYPE_EXTERNAL:
             raise self._elsewhere(group, path)
         found = h5py.h5o.open(group.id, path.encode())
-        if found.fileno != group.id.fileno:  # a soft link to an external one: nothing is read from the other file
+        if not walked and found.fileno != group.id.fileno:  # a soft link to an external one: nothing is read from it
             raise self._elsewhere(group, path)
         return h5py.Group(found) if isinstance(found, h5py.h5g.GroupID) else found
 
@@ -260,23 +262,24 @@ class _Reader:
     def keras3(self, group, prefix="", config=None) -> dict:
         import h5py
 
-        named = self.config_layers(config)
+        named, at = self.config_layers(config), group.name
+        present = set(self.names_in(group, at))
         layers = {}
-        for key in [k for k in named if k in group] + sorted(set(group) - set(named), key=_natural):
-            sub = self.member(group, key)
+        for key in [k for k in named if k in present] + sorted(present - set(named), key=_natural):
+            sub, sub_at = self.member(group, key, at), f"{at}/{key}"
             if not isinstance(sub, h5py.Group):  # a dataset beside the layers' groups is no layer
                 continue
-            members = set(self.names_in(sub))
-            variables = self.member(sub, "vars") if "vars" in members else None
-            n = len(self.names_in(variables)) if variables is not None else 0
+            members = set(self.names_in(sub, sub_at))
+            variables = self.member(sub, "vars", sub_at) if "vars" in members else None
+            n = len(self.names_in(variables, f"{sub_at}/vars")) if variables is not None else 0
             name, inner = named.get(key, (key, None))
             if n or "layers" in members:  # the name is used (an attribute read costs as much as opening a dataset)
                 name = name if variables is None else _text(variables.attrs.get("name", name))
             name = prefix + name
             if n:
-                layers[name] = {str(i): self.dataset(self.member(variables, str(i))) for i in range(n)}
+                layers[name] = {str(i): self.dataset(self.member(variables, str(i), f"{sub_at}/vars")) for i in range(n)}
             if "layers" in members:  # a nested model
-                layers.update(self.keras3(self.member(sub, "layers"), name + "/", inner))
+                layers.update(self.keras3(self.member(sub, "layers", sub_at), name + "/", inner))
         return layers
 
     def legacy(self, root) -> dict:
