@@ -28,6 +28,7 @@ sizes checked against what the file can hold (DeclaredBytes) before any is read.
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import math
@@ -107,7 +108,15 @@ def _stored(dataset_id) -> Stored:
     layout = plist.get_layout()
     return Stored(dataset_id, _name(dataset_id), tuple(dataset_id.shape), dtype, layout == h5py.h5d.CONTIGUOUS,
                   plist.get_nfilters() > 0, bool(plist.get_external_count()) or layout == h5py.h5d.VIRTUAL,
-                  dataset_id.get_storage_size(), dataset_id.get_offset(), dataset_id.get_type() == h5py.h5t.py_create(dtype))
+                  dataset_id.get_storage_size(), dataset_id.get_offset(), dataset_id.get_type() == _native_type(dtype))
+
+
+@functools.cache
+def _native_type(dtype: np.dtype):
+    """HDF5's type for values numpy reads as they are (made once per dtype: 10 us a call)."""
+    import h5py
+
+    return h5py.h5t.py_create(dtype)
 
 
 def _name(obj) -> str:
