@@ -19,7 +19,8 @@ class Deferred:
     """A tensor computed straight into its place in the output file (a layout transform of a mapped
     source): no canonical copy of the model is ever held in memory.
 
-    `fill(dst)` writes the tensor into `dst`, a C-contiguous array of `shape` and `dtype`."""
+    `fill(dst)` writes the tensor into `dst`, a C-contiguous array of `shape` and `dtype`: every value of it (`dst`
+    may be a reused buffer holding another tensor's values, zoo.weights._place)."""
 
     shape: tuple[int, ...]
     dtype: np.dtype
