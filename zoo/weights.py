@@ -253,58 +253,68 @@ def _place(f, base: int, tensors: dict, offsets: list[int], on_written, release=
     """Write each tensor into its place in the file, scanning it for NaN/inf while it is in cache; returns the
     names holding NaN/inf.
 
-    Arrays are written in order by this thread with pwrite from where they lie, a chunk at a time, and
-    `release(chunk)` follows each: a mapped source's pages go. Two threads writing them only contended for the
-    file's lock (ResNet-50 from h5: 85-90 ms, 70 ms from one thread). Transforms (Deferred) run meanwhile on
-    two threads, largest first (numpy's copies release the GIL): one of up to 16 MiB is computed into the
-    thread's reused buffer and written with pwrite; a larger one straight into the mapped file, its pages let
-    go behind it (they stay in the page cache), so the process never holds the whole model. A fresh page of
-    a mapped file costs a fault and a zeroing pass that pwrite skips (ResNet-50 from torch, 53 kernels: 27,000
-    page faults and 0.15-0.18 s, 10,000 and 0.10-0.14 s through the buffers)."""
+    Arrays are written in order by this thread, transforms (Deferred) meanwhile on two threads, largest first
+    (numpy's copies release the GIL). Two threads writing arrays only contended for the file's lock (ResNet-50
+    from h5: 85-90 ms, 70 ms from one thread)."""
     import mmap
-    import threading
     from concurrent.futures import ThreadPoolExecutor
 
-    local = threading.local()
+    items = sorted(zip(tensors, tensors.values(), offsets, offsets[1:]), key=lambda item: item[3] - item[2], reverse=True)
+    computed = [item for item in items if isinstance(item[1], Deferred)]
+    not_finite = []
 
-    def buffer(t: Deferred) -> np.ndarray:
-        nbytes = math.prod(t.shape) * np.dtype(t.dtype).itemsize
-        if getattr(local, "buffer", None) is None or local.buffer.nbytes < nbytes:
-            local.buffer = np.empty(nbytes, np.uint8)
-        return local.buffer[:nbytes].view(np.dtype(t.dtype).newbyteorder("<")).reshape(t.shape)
+    def placed(item, bad):
+        on_written(item[3] - item[2])  # here, not in the workers: progress is reported from one thread
+        not_finite.extend([bad] if bad else [])
 
-    with mmap.mmap(f.fileno(), base + offsets[-1]) as mapped:
-        def place(item) -> str | None:
-            name, t, start, end = item
-            if not isinstance(t, Deferred):
-                return None if _write_array(f.fileno(), base + start, t, release) else name
-            if end - start <= _BUFFERED:
-                dst = buffer(t)
-                t.fill(dst)
-                return None if _write_array(f.fileno(), base + start, dst) else name
-            dst = np.ndarray(t.shape, np.dtype(t.dtype).newbyteorder("<"), mapped, base + start)
+    with mmap.mmap(f.fileno(), base + offsets[-1]) as mapped, ThreadPoolExecutor(2) as pool:
+        placer = _Placer(f.fileno(), base, mapped, release)
+        pending = pool.map(placer.place, computed)
+        for item in items:
+            if not isinstance(item[1], Deferred):
+                placed(item, placer.place(item))
+        for item, bad in zip(computed, pending):
+            placed(item, bad)
+    return not_finite
+
+
+class _Placer:
+    """Writes one tensor into the output file (`fd`, also `mapped`; data from `base`), from any thread.
+
+    An array is written with pwrite from where it lies, a chunk at a time, `release(chunk)` after each (a mapped
+    source's pages go). A transform of up to 16 MiB is computed into the thread's reused buffer and written with
+    pwrite; a larger one straight into the mapped file, its pages let go behind it (they stay in the page cache),
+    so the process never holds the whole model. A fresh page of a mapped file costs a fault and a zeroing pass
+    that pwrite skips (ResNet-50 from torch, 53 kernels: 27,000 page faults and 0.15-0.18 s, 10,000 and 0.10-0.14
+    s through the buffers)."""
+
+    def __init__(self, fd: int, base: int, mapped, release=None):
+        import threading
+
+        self.fd, self.base, self.mapped, self.release = fd, base, mapped, release
+        self.local = threading.local()
+
+    def place(self, item) -> str | None:
+        """(name, array or Deferred, start, end) -> the name if it holds NaN/inf, else None."""
+        name, t, start, end = item
+        if not isinstance(t, Deferred):
+            return None if _write_array(self.fd, self.base + start, t, self.release) else name
+        if end - start <= _BUFFERED:
+            dst = self._buffer(t)
             t.fill(dst)
-            finite = all_finite(dst, lambda chunk: release_pages(mapped, chunk))
-            del dst
-            drop_pages(mapped, base + start, base + end)  # whole pages only: a neighbour's edge page stays
-            return None if finite else name
+            return None if _write_array(self.fd, self.base + start, dst) else name
+        dst = np.ndarray(t.shape, np.dtype(t.dtype).newbyteorder("<"), self.mapped, self.base + start)
+        t.fill(dst)
+        finite = all_finite(dst, lambda chunk: release_pages(self.mapped, chunk))
+        del dst
+        drop_pages(self.mapped, self.base + start, self.base + end)  # whole pages only: a neighbour's edge page stays
+        return None if finite else name
 
-        items = sorted(zip(tensors, tensors.values(), offsets, offsets[1:]), key=lambda item: item[3] - item[2], reverse=True)
-        computed = [item for item in items if isinstance(item[1], Deferred)]
-        not_finite = []
-
-        def placed(item, bad):
-            on_written(item[3] - item[2])  # here, not in the workers: progress is reported from one thread
-            not_finite.extend([bad] if bad else [])
-
-        with ThreadPoolExecutor(2) as pool:
-            pending = pool.map(place, computed)
-            for item in items:
-                if not isinstance(item[1], Deferred):
-                    placed(item, place(item))
-            for item, bad in zip(computed, pending):
-                placed(item, bad)
-        return not_finite
+    def _buffer(self, t: Deferred) -> np.ndarray:
+        nbytes = math.prod(t.shape) * np.dtype(t.dtype).itemsize
+        if getattr(self.local, "buffer", None) is None or self.local.buffer.nbytes < nbytes:
+            self.local.buffer = np.empty(nbytes, np.uint8)
+        return self.local.buffer[:nbytes].view(np.dtype(t.dtype).newbyteorder("<")).reshape(t.shape)
 
 
 _RELEASE_MIN = 1 << 21  # a smaller array's pages are left to its neighbours' releases
