@@ -22,7 +22,7 @@ demo: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check .
 
-# two workers (pytest-xdist) where there are two CPUs: 7.8 min instead of 11.5 on 2 cores; at most two, as each
+# two workers (pytest-xdist) where there are two CPUs: 7-8 min instead of 11.5 on 2 cores; at most two, as each
 # may hold a full-size model beside TensorFlow (5.8 GB peak)
 test: lint
 	$(BIN)/pytest -q -n auto --maxprocesses 2
