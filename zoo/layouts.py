@@ -1,5 +1,5 @@
 """Tensors on their way to the canonical layout: the one foreign-to-canonical transpose, and Deferred
-tensors that are computed straight into their place in the output file.
+tensors that are computed only as the output file is written.
 
 The canonical layout (docs/formats.md) is Keras': conv kernels HWIO, dense kernels (in, out) with the
 inputs after a flatten in H,W,C order. Caffe and PyTorch store both as rows, (out, in...), with C,H,W
@@ -16,11 +16,12 @@ import numpy as np
 
 @dataclass(frozen=True)
 class Deferred:
-    """A tensor computed straight into its place in the output file (a layout transform of a mapped
-    source): no canonical copy of the model is ever held in memory.
+    """A tensor computed only as the output file is written (a layout transform of a mapped source), into its
+    place in the file or a small reused buffer written out from there (zoo.weights._Placer): no canonical copy
+    of the model is ever held in memory.
 
     `fill(dst)` writes the tensor into `dst`, a C-contiguous array of `shape` and `dtype`: every value of it (`dst`
-    may be a reused buffer holding another tensor's values, zoo.weights._place)."""
+    may be a reused buffer holding another tensor's values)."""
 
     shape: tuple[int, ...]
     dtype: np.dtype
