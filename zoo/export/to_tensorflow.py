@@ -18,18 +18,49 @@ from zoo.layers import KINDS
 def export_savedmodel(src: Source, out: Path, model: KerasModel, reference: np.ndarray | None = None) -> Path:
     import tensorflow as tf
 
+    target = out / "savedmodel"
+    tmp = out / ".savedmodel.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    classes_file = out / ".classes.txt"
+    classes_file.write_text("\n".join(src.classes) + "\n")
+    meta = out / ".savedmodel.meta" / "zoo.json"  # an asset keeps its file's name
+    meta.parent.mkdir(exist_ok=True)
+    meta.write_text(json.dumps(artifact_metadata(src), indent=2) + "\n")
+    try:
+        module = _serving_module(model(folded=True), src, [classes_file, meta])  # folded: inference only (zoo.fold)
+        tf.saved_model.save(module, str(tmp), signatures={"serving_default": module.serve, "serve_rgb": module.serve_rgb,
+                                                         "serve_encoded": module.serve_encoded})
+        del module
+        model.drop()
+        if reference is not None:
+            loaded = tf.saved_model.load(str(tmp))
+            got = loaded.signatures["serving_default"](image=tf.constant(check_batch(src.part)))
+            checker(src.part)("the SavedModel", got["logits" if src.part.logits else "features"].numpy(), reference, target)
+        swap_in(out, {"savedmodel": tmp})
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        classes_file.unlink(missing_ok=True)
+        shutil.rmtree(meta.parent, ignore_errors=True)
+    return target
+
+
+def _serving_module(keras_model, src: Source, assets: list[Path]):
+    """The tf.Module a SavedModel serves: the model behind three input signatures, preprocessed images, uint8 RGB
+    and encoded files, each with the spec's preprocessing (`src.part`) inside; `assets` travel in its assets/
+    (the class names, zoo.json: artifact_metadata)."""
+    import tensorflow as tf
+
     from zoo.preprocess import tf_decode, tf_pixels, tf_scale
 
-    part = src.part  # its input: the spec's preprocessing at the exported size
+    part = src.part
     h, w = part.size
 
     class Exported(tf.Module):
-        def __init__(self, keras_model):
+        def __init__(self):
             super().__init__()
             self.model = keras_model
             self.classes = tf.constant(src.classes)
-            self.class_file = tf.saved_model.Asset(str(out / ".classes.txt"))
-            self.zoo_file = tf.saved_model.Asset(str(meta))  # assets/zoo.json: artifact_metadata
+            self.assets = [tf.saved_model.Asset(str(path)) for path in assets]
 
         def _outputs(self, x):
             if not part.logits:
@@ -54,29 +85,7 @@ def export_savedmodel(src: Source, out: Path, model: KerasModel, reference: np.n
             crops = tf.map_fn(lambda e: tf_pixels(tf_decode(e), part), encoded, fn_output_signature=tf.uint8)
             return self._outputs(tf_scale(crops, part))
 
-    target = out / "savedmodel"
-    tmp = out / ".savedmodel.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    (out / ".classes.txt").write_text("\n".join(src.classes) + "\n")
-    meta = out / ".savedmodel.meta" / "zoo.json"  # an asset keeps its file's name
-    meta.parent.mkdir(exist_ok=True)
-    meta.write_text(json.dumps(artifact_metadata(src), indent=2) + "\n")
-    try:
-        module = Exported(model(folded=True))  # batch norms folded into the convs: inference only (zoo.fold)
-        tf.saved_model.save(module, str(tmp), signatures={"serving_default": module.serve, "serve_rgb": module.serve_rgb,
-                                                         "serve_encoded": module.serve_encoded})
-        del module
-        model.drop()
-        if reference is not None:
-            loaded = tf.saved_model.load(str(tmp))
-            got = loaded.signatures["serving_default"](image=tf.constant(check_batch(part)))
-            checker(part)("the SavedModel", got["logits" if part.logits else "features"].numpy(), reference, target)
-        swap_in(out, {"savedmodel": tmp})
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-        (out / ".classes.txt").unlink(missing_ok=True)
-        shutil.rmtree(meta.parent, ignore_errors=True)
-    return target
+    return Exported()
 
 
 def keras_layers() -> dict:
