@@ -91,3 +91,37 @@ def test_transforms_are_written_exactly_and_nan_is_caught_on_either_path(tmp_pat
     for name, (w, (c, h, wd)) in rows.items():
         expected = w.reshape(-1, c, h, wd).transpose(2, 3, 1, 0).reshape(spec.tensors[name].shape)
         np.testing.assert_array_equal(got[name], expected)
+
+
+@pytest.mark.parametrize("bad", [None, "conv.kernel", "fc.kernel"])
+def test_plain_arrays_are_written_exactly_from_either_thread_and_nan_is_caught(tmp_path, monkeypatch, bad):
+    """Arrays of 32 MiB or more (lowered here) are written by the pool, smaller ones by the calling thread."""
+    import threading
+
+    from safetensors.numpy import load_file
+
+    import zoo.weights
+    from zoo.errors import ZooError
+    from zoo.weights import save_weights
+
+    spec = _two_size_spec()
+    rng = np.random.default_rng(4)
+    tensors = {name: rng.standard_normal(t.shape, np.float32) for name, t in spec.tensors.items()}
+    monkeypatch.setattr(zoo.weights, "_POOLED", tensors["fc.kernel"].nbytes)
+    where, place = {}, zoo.weights._Placer.place
+    monkeypatch.setattr(zoo.weights._Placer, "place", lambda self, item: where.setdefault(item[0], threading.current_thread())
+                        and place(self, item))
+    if bad:
+        tensors[bad].reshape(-1)[-1] = np.inf
+    out = tmp_path / "w.safetensors"
+    if bad:
+        with pytest.raises(ZooError, match=f"{bad} holds NaN"):
+            save_weights(out, spec, tensors)
+        assert list(tmp_path.iterdir()) == []
+        return
+    save_weights(out, spec, tensors)
+    assert where["fc.kernel"] is not threading.main_thread()
+    assert all(where[name] is threading.main_thread() for name in tensors if name != "fc.kernel")
+    got = load_file(out)
+    for name, arr in tensors.items():
+        np.testing.assert_array_equal(got[name], arr)
