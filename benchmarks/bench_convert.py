@@ -19,8 +19,10 @@ zoo's clock.
   itself would first have to build the model in TensorFlow) + safetensors.numpy.save_file. `import h5py` is
   outside both clocks (as `import torch` is outside the torch baseline's).
 - caffe-vgg16: caffe-tensorflow's .npy ({layer: {"weights", "biases"}}, TensorFlow layout) of vgg16@caffe.
-- caffemodel-*: the VGG16 and ResNet-50 .caffemodel files written by real Caffe under `--caffe-full`
-  (vgg16/vgg16.caffemodel, resnet50/resnet50.caffemodel); a case is skipped when its file is absent.
+- caffemodel-*: the .caffemodel files written by real Caffe under `--caffe-full` (NET/NET.caffemodel: alexnet, vgg16,
+  resnet50, caffenet, googlenet); a case is skipped when its file is absent.
+- caffe-caffenet, caffe-resnet50, caffe-googlenet: caffe-tensorflow's .npy made from those files' blobs (a BatchNorm
+  with its Scale folded in: mean, variance, scale, offset), as benchmarks/full_size_parity.py makes it.
 """
 
 from __future__ import annotations
@@ -65,7 +67,7 @@ def zoo_job(source: str, spec: str | None = None, imports: str = "") -> str:
 BASELINES = {
     "caffe": ("np.load(allow_pickle=True) + safetensors.numpy.save_file", JOB.format(imports="", body=(
         "d = np.load(src, allow_pickle=True, encoding='latin1').item()\n"
-        "flat = {f'{k}.{n}': np.ascontiguousarray(v[n]) for k, v in d.items() for n in ('weights', 'biases')}\n"
+        "flat = {f'{k}.{n}': np.ascontiguousarray(a) for k, v in d.items() for n, a in v.items()}\n"
         "safetensors.numpy.save_file(flat, out)"))),
     "torch": ("torch.load(weights_only=True) + safetensors.numpy.save_file", JOB.format(imports="import torch", body=(
         "sd = torch.load(src, weights_only=True)\n"
@@ -171,6 +173,21 @@ def caffe_full_source(name: str):
     return make
 
 
+def caffe_full_npy_source(name: str):
+    """caffe-tensorflow's .npy of a real Caffe .caffemodel under --caffe-full (its blobs in caffe-tensorflow's layout,
+    a BatchNorm with its Scale folded in, as benchmarks/full_size_parity.py makes it); None (skip) when absent."""
+    def make(folder: Path, args) -> Path | None:
+        from full_size_parity import PUBLISHED, npy_from_caffemodel
+
+        src = Path(args.caffe_full) / name
+        if not (src / f"{name}.caffemodel").is_file():
+            return None
+        shapes = json.loads((src / f"{name}_shapes.json").read_text())
+        prototxt = TESTS / "data" / "caffe" / "published" / PUBLISHED[name]
+        return npy_from_caffemodel(src / f"{name}.caffemodel", shapes, prototxt, folder / f"{name}.npy")
+    return make
+
+
 CASES = {  # name -> (source maker, baseline, zoo job)
     "caffe": (make_caffe_source, "caffe", zoo_job("caffe")),
     "torch": (make_torch_source, "torch", zoo_job("torch")),
@@ -184,6 +201,12 @@ CASES = {  # name -> (source maker, baseline, zoo job)
     "caffe-vgg16": (make_caffe_vgg16_source, "caffe", zoo_job("caffe")),
     "caffemodel-vgg16": (caffe_full_source("vgg16"), "caffemodel", zoo_job("caffemodel")),
     "caffemodel-resnet50": (caffe_full_source("resnet50"), "caffemodel", zoo_job("caffemodel")),
+    # the other Caffe nets at full size, from real Caffe's files, by both Caffe paths
+    # (CaffeNet's tensors are AlexNet's: its spec is named, as a user names it)
+    **{f"caffemodel-{net}": (caffe_full_source(net), "caffemodel", zoo_job("caffemodel", spec))
+       for net, spec in (("alexnet", None), ("caffenet", "caffenet@bvlc"), ("googlenet", None))},
+    **{f"caffe-{net}": (caffe_full_npy_source(net), "caffe", zoo_job("caffe", spec))
+       for net, spec in (("caffenet", "caffenet@bvlc"), ("resnet50", None), ("googlenet", None))},
 }
 GROUPS = {"alexnet": ["caffe", "torch", "torch-hub", "caffemodel"], "graph": [c for c in CASES if "-" in c and c != "torch-hub"]}
 
@@ -230,7 +253,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--formats", default="alexnet", help=f"cases and groups, comma-separated: {', '.join([*GROUPS, *CASES])}")
-    ap.add_argument("--caffe-full", default="/work/refs/caffe-full", help="folder with vgg16/vgg16.caffemodel, resnet50/resnet50.caffemodel")
+    ap.add_argument("--caffe-full", default="/work/refs/caffe-full", help="folder with NET/NET.caffemodel written by real Caffe (and NET_shapes.json)")
     ap.add_argument("--sources", type=Path, help="keep the generated source files in this folder and reuse them")
     ap.add_argument("--json", type=Path, help="also write every run's figures here")
     args = ap.parse_args()
