@@ -63,13 +63,28 @@ def _two_size_spec():
                    {"name": "fc", "kind": "dense", "units": 400}]})
 
 
-@pytest.mark.parametrize("bad", [None, "conv.kernel", "fc.kernel"])
-def test_transforms_are_written_exactly_and_nan_is_caught_on_either_path(tmp_path, bad):
+def _saved_or_refused(folder, spec, tensors: dict, bad: str | None) -> dict | None:
+    """save_weights into `folder`: the file read back, or, where tensor `bad` holds NaN/inf, None once the
+    refusal named it and left nothing behind."""
     from safetensors.numpy import load_file
 
     from zoo.errors import ZooError
-    from zoo.layouts import rows_to_canonical
     from zoo.weights import save_weights
+
+    out = folder / "w.safetensors"
+    if bad:
+        with pytest.raises(ZooError, match=f"{bad} holds NaN"):
+            save_weights(out, spec, tensors)
+        assert list(folder.iterdir()) == []
+        return None
+    save_weights(out, spec, tensors)
+    return load_file(out)
+
+
+@pytest.mark.parametrize("bad", [None, "conv.kernel", "fc.kernel"])
+def test_transforms_are_written_exactly_and_nan_is_caught_on_either_path(tmp_path, bad):
+
+    from zoo.layouts import rows_to_canonical
 
     spec = _two_size_spec()
     rng = np.random.default_rng(3)
@@ -80,14 +95,9 @@ def test_transforms_are_written_exactly_and_nan_is_caught_on_either_path(tmp_pat
         rows[bad][0][-1, -1] = np.nan
     tensors = {name: rows_to_canonical(w, spec.tensors[name].shape, chw) for name, (w, chw) in rows.items()}
     tensors |= {"conv.bias": np.zeros(3, np.float32), "fc.bias": np.ones(400, np.float32)}
-    out = tmp_path / "w.safetensors"
-    if bad:
-        with pytest.raises(ZooError, match=f"{bad} holds NaN"):
-            save_weights(out, spec, tensors)
-        assert list(tmp_path.iterdir()) == []
+    got = _saved_or_refused(tmp_path, spec, tensors, bad)
+    if got is None:
         return
-    save_weights(out, spec, tensors)
-    got = load_file(out)
     for name, (w, (c, h, wd)) in rows.items():
         expected = w.reshape(-1, c, h, wd).transpose(2, 3, 1, 0).reshape(spec.tensors[name].shape)
         np.testing.assert_array_equal(got[name], expected)
@@ -98,11 +108,7 @@ def test_plain_arrays_are_written_exactly_from_either_thread_and_nan_is_caught(t
     """Arrays of 32 MiB or more (lowered here) are written by the pool, smaller ones by the calling thread."""
     import threading
 
-    from safetensors.numpy import load_file
-
     import zoo.weights
-    from zoo.errors import ZooError
-    from zoo.weights import save_weights
 
     spec = _two_size_spec()
     rng = np.random.default_rng(4)
@@ -113,15 +119,10 @@ def test_plain_arrays_are_written_exactly_from_either_thread_and_nan_is_caught(t
                         and place(self, item))
     if bad:
         tensors[bad].reshape(-1)[-1] = np.inf
-    out = tmp_path / "w.safetensors"
-    if bad:
-        with pytest.raises(ZooError, match=f"{bad} holds NaN"):
-            save_weights(out, spec, tensors)
-        assert list(tmp_path.iterdir()) == []
+    got = _saved_or_refused(tmp_path, spec, tensors, bad)
+    if got is None:
         return
-    save_weights(out, spec, tensors)
     assert where["fc.kernel"] is not threading.main_thread()
     assert all(where[name] is threading.main_thread() for name in tensors if name != "fc.kernel")
-    got = load_file(out)
     for name, arr in tensors.items():
         np.testing.assert_array_equal(got[name], arr)
