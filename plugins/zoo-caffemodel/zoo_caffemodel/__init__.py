@@ -21,7 +21,13 @@ from zoo_caffemodel.caffemodel import read_layers
 from zoo_caffemodel.prototxt import layer_settings, read_prototxt
 from zoo_caffemodel.to_spec import layer_name
 
-__version__ = version("zoo-caffemodel")
+
+def __getattr__(name: str):
+    """`__version__` looked up when asked for: the lookup scans the installed distributions (2 ms), and zoo, which
+    imports this module for every command, takes a plugin's version from its entry point."""
+    if name == "__version__":
+        return version("zoo-caffemodel")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def genuine_notes(spec, path: Path) -> list[str]:
