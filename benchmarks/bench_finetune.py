@@ -203,7 +203,52 @@ def measure(name: str, *args):
     return rates[0] if len(rates) == 1 else tuple(rates)
 
 
-def main():
+def _listed(runs, i) -> str:
+    return ", ".join(f"{r[i]:.1f}" for r in runs)
+
+
+def engine_part(run, weights, data, tmp: Path) -> list[tuple]:
+    """Part 1: zoo's engine against the plain fit, per epoch, augmentation on."""
+    if run.resnet:
+        runs = [(measure("plain_resnet", data, run.batch, 1), measure("engine", weights, data, tmp / f"run1-{i}", run.model, run.batch))
+                for i in range(run.repeat)]
+        plain, engine = (statistics.median(x) for x in zip(*runs))
+        return [(f"{run.layers}, batch {run.batch}, augmentation on (medians of {run.repeat} pairs; plain {_listed(runs, 0)}; "
+                 f"zoo {_listed(runs, 1)})", "zoo finetune (files, tf.data, callbacks)", engine, run.plain_name, plain)]
+    plain = measure("plain", weights, data)
+    return [(f"{run.layers}, batch {run.batch}, augmentation on", "zoo finetune (files, tf.data, callbacks)",
+             measure("engine", weights, data, tmp / "run1"), run.plain_name, plain)]
+
+
+def caching_part(run, weights, tmp: Path) -> tuple[list[tuple], list[float]]:
+    """Part 2: 10 epochs with the frozen part's features cached against the plain fit; the rows and the runs' peaks."""
+    from zoo.data import from_folder
+    from zoo.example import make_example
+
+    big = make_example(tmp / "big", per_class=run.cache_images // 2, size=256)
+    n_big = len(from_folder(big)[0])
+    plain = (lambda: measure("plain_resnet", big, run.batch, 0)) if run.resnet else (lambda: measure("plain", weights, big))
+    runs = [(plain(), *measure("cached", weights, big, tmp / f"run2-{i}", run.model, run.batch)) for i in range(run.repeat)]
+    base, training, whole, _ = (statistics.median(x) for x in zip(*runs))
+    every = f"medians of {run.repeat} runs, each with the plain fit run just before it; plain fit {_listed(runs, 0)}"
+    rows = [(f"{run.layers}, batch {run.batch}, {n_big} training images, 10 epochs: training steps and the frozen pass over them, "
+             f"counted as the baseline counts ({every}; zoo {_listed(runs, 1)})", "zoo finetune --no-augment (cached features)",
+             training, f"{run.plain_name}, one epoch's training steps{', center crop' if run.resnet else ''}", base),
+            (f"the same runs, whole run: model build, frozen pass over training and validation images, 10 epochs with "
+             f"validation and every callback, verified weights written (zoo {_listed(runs, 2)})",
+             "zoo finetune --no-augment (cached features)", whole, "the same", base)]
+    return rows, [r[3] for r in runs]
+
+
+def torch_part(weights, data, n: int, tmp: Path) -> list[tuple]:
+    """Part 3 (AlexNet): every layer trained, against PyTorch on the same architecture."""
+    ours = measure("every", weights, data, tmp / "run3")
+    p = subprocess.run([sys.executable, "-c", TORCH_JOB, str(n), "64"], capture_output=True, text=True, check=True)
+    torch_rate = json.loads(p.stdout.strip().splitlines()[-1])["images_per_second"]
+    return [("all layers, batch 64", "zoo finetune", ours, "PyTorch 2.13 CPU, same architecture", torch_rate)]
+
+
+def parse_args():
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", choices=sorted(SETTINGS), default="alexnet", help="alexnet@bvlc (issue 4) or resnet50@keras (issue 12)")
     ap.add_argument("--images", type=int, help="training images of the per-epoch measurements (default: alexnet 240, resnet50 320)")
@@ -213,67 +258,45 @@ def main():
     ap.add_argument("--parts", help="which measurements: 1 engine vs fit, 2 caching, 3 vs PyTorch (alexnet only); default: all")
     ap.add_argument("--repeat", type=int, default=3, help="runs of the 10-epoch caching measurement (median); resnet50: of part 1 too")
     args = ap.parse_args()
-    resnet = args.model == "resnet50"
-    images = args.images or (320 if resnet else 240)
-    cache_images = args.cache_images or (400 if resnet else 1000)
-    batch = args.batch_size or BATCH[args.model]
-    parts = set((args.parts or ("1,2" if resnet else "1,2,3")).split(","))
-    if resnet and "3" in parts:
+    run = argparse.Namespace(model=args.model, resnet=args.model == "resnet50", repeat=args.repeat)
+    run.images = args.images or (320 if run.resnet else 240)
+    run.cache_images = args.cache_images or (400 if run.resnet else 1000)
+    run.batch = args.batch_size or BATCH[args.model]
+    run.parts = set((args.parts or ("1,2" if run.resnet else "1,2,3")).split(","))
+    if run.resnet and "3" in run.parts:
         ap.error("part 3 (PyTorch) is AlexNet's")
+    run.layers = "conv5* + head" if run.resnet else "fc7+fc8"
+    run.plain_name = "keras.applications.ResNet50 + Dense, fit on tf.data from files" if run.resnet else "keras Model.fit, in-memory arrays"
+    return run
+
+
+def main():
     from zoo.data import from_folder
     from zoo.example import make_example
 
+    run = parse_args()
     rows, peaks = [], []
-    layers = "conv5* + head" if resnet else "fc7+fc8"
-    plain_name = "keras.applications.ResNet50 + Dense, fit on tf.data from files" if resnet else "keras Model.fit, in-memory arrays"
-
-    def listed(runs, i):
-        return ", ".join(f"{r[i]:.1f}" for r in runs)
-
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         weights = ""  # resnet50: seeded random initialisation
-        if not resnet:
+        if not run.resnet:
             from caffe_reference import caffe_tensorflow_layout, caffe_weights
 
             from zoo.conversion import convert
 
             np.save(tmp / "w.npy", {k: [w, b] for k, (w, b) in caffe_tensorflow_layout(caffe_weights()).items()})
-            weights = convert(tmp / "w.npy").output
-        data = make_example(tmp / "data", per_class=images * 5 // 8, size=256)  # 80% of it trains
+            weights = convert(tmp / "w.npy", spec="alexnet@bvlc").output  # CaffeNet has the same tensors
+        data = make_example(tmp / "data", per_class=run.images * 5 // 8, size=256)  # 80% of it trains
         n = len(from_folder(data)[0])
-        if "1" in parts:
-            if resnet:
-                runs = [(measure("plain_resnet", data, batch, 1), measure("engine", weights, data, tmp / f"run1-{i}", args.model, batch))
-                        for i in range(args.repeat)]
-                plain, engine = (statistics.median(x) for x in zip(*runs))
-                rows.append((f"{layers}, batch {batch}, augmentation on (medians of {args.repeat} pairs; plain {listed(runs, 0)}; "
-                             f"zoo {listed(runs, 1)})", "zoo finetune (files, tf.data, callbacks)", engine, plain_name, plain))
-            else:
-                plain = measure("plain", weights, data)
-                rows.append((f"{layers}, batch {batch}, augmentation on", "zoo finetune (files, tf.data, callbacks)",
-                             measure("engine", weights, data, tmp / "run1"), plain_name, plain))
-        if "2" in parts:
-            big = make_example(tmp / "big", per_class=cache_images // 2, size=256)
-            n_big = len(from_folder(big)[0])
-            plain = (lambda: measure("plain_resnet", big, batch, 0)) if resnet else (lambda: measure("plain", weights, big))
-            runs = [(plain(), *measure("cached", weights, big, tmp / f"run2-{i}", args.model, batch)) for i in range(args.repeat)]
-            base, training, whole, _ = (statistics.median(x) for x in zip(*runs))
-            peaks = [r[3] for r in runs]
-            every = f"medians of {args.repeat} runs, each with the plain fit run just before it; plain fit {listed(runs, 0)}"
-            rows.append((f"{layers}, batch {batch}, {n_big} training images, 10 epochs: training steps and the frozen pass over them, "
-                         f"counted as the baseline counts ({every}; zoo {listed(runs, 1)})", "zoo finetune --no-augment (cached features)",
-                         training, f"{plain_name}, one epoch's training steps{', center crop' if resnet else ''}", base))
-            rows.append((f"the same runs, whole run: model build, frozen pass over training and validation images, 10 epochs with "
-                         f"validation and every callback, verified weights written (zoo {listed(runs, 2)})",
-                         "zoo finetune --no-augment (cached features)", whole, "the same", base))
-        if "3" in parts:
-            ours = measure("every", weights, data, tmp / "run3")
-            p = subprocess.run([sys.executable, "-c", TORCH_JOB, str(n), "64"], capture_output=True, text=True, check=True)
-            torch_rate = json.loads(p.stdout.strip().splitlines()[-1])["images_per_second"]
-            rows.append(("all layers, batch 64", "zoo finetune", ours, "PyTorch 2.13 CPU, same architecture", torch_rate))
+        if "1" in run.parts:
+            rows += engine_part(run, weights, data, tmp)
+        if "2" in run.parts:
+            cached, peaks = caching_part(run, weights, tmp)
+            rows += cached
+        if "3" in run.parts:
+            rows += torch_part(weights, data, n, tmp)
 
-    size, spec = ("224x224", "resnet50@keras, random init") if resnet else ("227x227", "alexnet@bvlc")
+    size, spec = ("224x224", "resnet50@keras, random init") if run.resnet else ("227x227", "alexnet@bvlc")
     print(f"\n{n} training images of {size} for the per-epoch rows ({spec}), 2 CPU cores; each measurement "
           "in its own interpreter\n")
     print("| setting | zoo | images/s | baseline | images/s | zoo / baseline |")
