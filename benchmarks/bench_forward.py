@@ -264,9 +264,9 @@ def fma_peak(folder: Path) -> float | None:
         return None
 
 
-def main():
-    from zoo.bench import limit_of, macs, peak_flops
-    from zoo.registry import all_specs, get_spec
+def parse_args():
+    """The options, and what they select: (args, spec ids, batch sizes, {family: its spec ids})."""
+    from zoo.registry import all_specs
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--specs", default="all", help="comma-separated spec ids or families (default: every registered spec)")
@@ -286,11 +286,46 @@ def main():
     unknown = [s for s in wanted if s not in registered]
     if unknown or not wanted:
         ap.error(f"unknown spec(s) {', '.join(unknown) or args.specs}; registered: {', '.join(registered)}")
-    batches = [int(b) for b in args.batch.split(",")]
     families: dict[str, list[str]] = {}
     for s in wanted:
         families.setdefault(s.split("@")[0], []).append(s)
+    return args, wanted, [int(b) for b in args.batch.split(",")], families
 
+
+def family_ways(family: str, specs: list[str], tmp: Path, args, exporters: dict) -> dict:
+    """{(spec id or family, way): job} of every way a family's versions and its peers run; torch.onnx's exporter
+    noted in `exporters`."""
+    ways = {}
+    for spec_id in specs:
+        for way, job in prepare(spec_id, tmp / spec_id.replace("@", "_"), args).items():
+            ways[(spec_id, way)] = job
+            if way == "torch.onnx":
+                exporters[spec_id] = f"{job['exporter']} ({job['versions']})"
+    if family in KERAS_APPLICATIONS:
+        ways[(family, "keras.applications")] = application_job(family, specs[0], tmp / f"{family}_app", args)
+    return ways
+
+
+def measure_rounds(ways: dict, specs: list[str], batch: int, args, rounds: dict, started: float) -> None:
+    """`args.repeat` rounds of every way at `batch`, the order rotated each round, into rounds[(*way, batch)]."""
+    from zoo.bench import limit_of
+    from zoo.registry import get_spec
+
+    order = list(ways)
+    for r in range(args.repeat):
+        for key in order[r % len(order):] + order[:r % len(order)]:
+            spec_id = key[0] if "@" in key[0] else specs[0]
+            m = measure(ways[key], batch, limit_of(get_spec(spec_id))[0], args)
+            rounds.setdefault((*key, batch), []).append(m)
+            _log(f"  {key[0]} {key[1]} batch {batch} round {r + 1}: {m['images_per_second']:.2f} images/s "
+                 f"({m['calls']} calls, {time.perf_counter() - started:.0f} s in)")
+
+
+def main():
+    from zoo.bench import limit_of, macs, peak_flops
+    from zoo.registry import get_spec
+
+    args, wanted, batches, families = parse_args()
     started = time.perf_counter()
     flops, how = peak_flops()
     results = {"peak_gflops": flops / 1e9, "peak_how": how, "batches": batches, "repeat": args.repeat, "specs": {}, "sgemm": [],
@@ -300,25 +335,11 @@ def main():
         results["fma_gflops_per_core"] = fma_peak(Path(tmp))
         sgemm_job = None
         for family, specs in families.items():
-            ways = {}
-            for spec_id in specs:
-                for way, job in prepare(spec_id, Path(tmp) / spec_id.replace("@", "_"), args).items():
-                    ways[(spec_id, way)] = job
-                    if way == "torch.onnx":
-                        results["exporters"][spec_id] = f"{job['exporter']} ({job['versions']})"
-            if family in KERAS_APPLICATIONS:
-                ways[(family, "keras.applications")] = application_job(family, specs[0], Path(tmp) / f"{family}_app", args)
+            ways = family_ways(family, specs, Path(tmp), args, results["exporters"])
             sgemm_job = sgemm_job or dict(next(iter(ways.values())), runtime="sgemm", builder="bench_forward:sgemm",
                                           path=[str(ROOT / "benchmarks")], layout=None, min_calls=5)
             for batch in batches:
-                order = list(ways)
-                for r in range(args.repeat):
-                    for key in order[r % len(order):] + order[:r % len(order)]:  # rotate the order each round
-                        spec_id = key[0] if "@" in key[0] else specs[0]
-                        m = measure(ways[key], batch, limit_of(get_spec(spec_id))[0], args)
-                        rounds.setdefault((*key, batch), []).append(m)
-                        _log(f"  {key[0]} {key[1]} batch {batch} round {r + 1}: {m['images_per_second']:.2f} images/s "
-                             f"({m['calls']} calls, {time.perf_counter() - started:.0f} s in)")
+                measure_rounds(ways, specs, batch, args, rounds, started)
                 if args.json:  # so far, should a later family fail
                     Path(args.json).write_text(json.dumps(results | {"rounds": [{"way": list(k), "rounds": v} for k, v in rounds.items()]}))
                 s = measure(sgemm_job, 1, 1.0, args)
