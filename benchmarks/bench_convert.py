@@ -249,7 +249,7 @@ def paired(runs: dict) -> float:
     return statistics.median(z["seconds"] / b["seconds"] for z, b in zip(runs["zoo"], runs["baseline"]))
 
 
-def main():
+def parse_args():
     ap = argparse.ArgumentParser()
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--formats", default="alexnet", help=f"cases and groups, comma-separated: {', '.join([*GROUPS, *CASES])}")
@@ -257,58 +257,70 @@ def main():
     ap.add_argument("--sources", type=Path, help="keep the generated source files in this folder and reuse them")
     ap.add_argument("--json", type=Path, help="also write every run's figures here")
     args = ap.parse_args()
-    names = [n for item in args.formats.split(",") for n in GROUPS.get(item, [item])]
-    unknown = [n for n in names if n not in CASES]
+    args.names = [n for item in args.formats.split(",") for n in GROUPS.get(item, [item])]
+    unknown = [n for n in args.names if n not in CASES]
     if unknown:
         ap.error(f"unknown case {', '.join(unknown)}; known: {', '.join([*GROUPS, *CASES])}")
+    return args
+
+
+def measure_case(name: str, src: Path, tmp: Path, repeat: int) -> dict:
+    """`repeat` runs of the baseline and of zoo on `src`, alternating so that drift hits both alike."""
+    label, code = BASELINES[CASES[name][1]]
+    jobs = {"baseline": code, "zoo": CASES[name][2]}
+    results = {"baseline": [], "zoo": []}
+    for _ in range(repeat):
+        for way in results:
+            results[way].append(run(jobs[way], src, tmp / "out.safetensors"))
+    print(f"{name}: zoo {[round(r['seconds'], 2) for r in results['zoo']]} s, "
+          f"baseline {[round(r['seconds'], 2) for r in results['baseline']]} s", file=sys.stderr, flush=True)
+    return {"file_bytes": src.stat().st_size, "baseline": label, "runs": results}
+
+
+def print_tables(raw: dict, repeat: int) -> None:
+    med = {name: {w: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for w, rs in case["runs"].items()}
+           for name, case in raw.items()}
+    print(f"| source | file | way | seconds (median of {repeat}) | peak RSS | peak RSS / file | peak above imports / file |")
+    print("|---|---|---|---|---|---|---|")
+    for name, case in raw.items():
+        size = case["file_bytes"]
+        for way, what in (("baseline", case["baseline"]), ("zoo", f"zoo convert {name}")):
+            m = med[name][way]
+            print(f"| {name} | {size / 1e6:.0f} MB | {what} | {m['seconds']:.2f} | {m['peak_rss'] / 1e6:.0f} MB | "
+                  f"{m['peak_rss'] / size:.2f}x | {(m['peak_rss'] - m['rss_after_imports']) / size:.2f}x |")
+        print(f"| {name} | | **zoo / baseline time** | **{med[name]['zoo']['seconds'] / med[name]['baseline']['seconds']:.2f}x** "
+              f"(paired runs' median {paired(case['runs']):.2f}x) | | | |")
+    print()
+    print("| case | file | zoo s | baseline s | zoo / baseline | paired | zoo peak / file | baseline peak / file | "
+          "zoo above imports / file | baseline above imports / file |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for name, case in raw.items():
+        size, z, b = case["file_bytes"], med[name]["zoo"], med[name]["baseline"]
+        print(f"| {name} | {size / 1e6:.0f} MB | {z['seconds']:.2f} | {b['seconds']:.2f} | **{z['seconds'] / b['seconds']:.2f}x** | "
+              f"{paired(case['runs']):.2f}x | {z['peak_rss'] / size:.2f}x | {b['peak_rss'] / size:.2f}x | "
+              f"{(z['peak_rss'] - z['rss_after_imports']) / size:.2f}x | {(b['peak_rss'] - b['rss_after_imports']) / size:.2f}x |")
+
+
+def main():
+    args = parse_args()
     compile_bytecode()
-    rows, raw = [], {}
+    raw = {}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        for name in names:
-            make, base, zoo = CASES[name]
+        for name in args.names:
             folder = tmp / name
             folder.mkdir()
             src = source(name, folder, args.sources, args)
             if src is None:
                 print(f"skipped {name}: no source file (see --caffe-full)", file=sys.stderr)
                 continue
-            size = src.stat().st_size
-            label, code = BASELINES[base]
-            jobs = {"baseline": code, "zoo": zoo}
-            results = {"baseline": [], "zoo": []}
-            for _ in range(args.repeat):
-                for way in results:  # alternate, so drift hits both alike
-                    results[way].append(run(jobs[way], src, tmp / "out.safetensors"))
-            print(f"{name}: zoo {[round(r['seconds'], 2) for r in results['zoo']]} s, "
-                  f"baseline {[round(r['seconds'], 2) for r in results['baseline']]} s", file=sys.stderr, flush=True)
-            med = {w: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for w, rs in results.items()}
-            rows.append((name, size, label, med))
-            raw[name] = {"file_bytes": size, "baseline": label, "runs": results}
+            raw[name] = measure_case(name, src, tmp, args.repeat)
             if args.sources is None:
                 for f in folder.iterdir():  # one big source on disk at a time
                     f.unlink()
             if args.json:
                 args.json.write_text(json.dumps(raw, indent=1))
-    print(f"| source | file | way | seconds (median of {args.repeat}) | peak RSS | peak RSS / file | peak above imports / file |")
-    print("|---|---|---|---|---|---|---|")
-    for name, size, label, med in rows:
-        for way, what in (("baseline", label), ("zoo", f"zoo convert {name}")):
-            m = med[way]
-            print(f"| {name} | {size / 1e6:.0f} MB | {what} | {m['seconds']:.2f} | {m['peak_rss'] / 1e6:.0f} MB | "
-                  f"{m['peak_rss'] / size:.2f}x | {(m['peak_rss'] - m['rss_after_imports']) / size:.2f}x |")
-        print(f"| {name} | | **zoo / baseline time** | **{med['zoo']['seconds'] / med['baseline']['seconds']:.2f}x** "
-              f"(paired runs' median {paired(raw[name]['runs']):.2f}x) | | | |")
-    print()
-    print("| case | file | zoo s | baseline s | zoo / baseline | paired | zoo peak / file | baseline peak / file | "
-          "zoo above imports / file | baseline above imports / file |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
-    for name, size, _, med in rows:
-        z, b = med["zoo"], med["baseline"]
-        print(f"| {name} | {size / 1e6:.0f} MB | {z['seconds']:.2f} | {b['seconds']:.2f} | **{z['seconds'] / b['seconds']:.2f}x** | "
-              f"{paired(raw[name]['runs']):.2f}x | {z['peak_rss'] / size:.2f}x | {b['peak_rss'] / size:.2f}x | "
-              f"{(z['peak_rss'] - z['rss_after_imports']) / size:.2f}x | {(b['peak_rss'] - b['rss_after_imports']) / size:.2f}x |")
-
+    print_tables(raw, args.repeat)
 
 if __name__ == "__main__":
     main()
