@@ -179,12 +179,12 @@ def caffe_full_npy_source(name: str):
     def make(folder: Path, args) -> Path | None:
         from full_size_parity import PUBLISHED, npy_from_caffemodel
 
-        src = Path(args.caffe_full) / name
-        if not (src / f"{name}.caffemodel").is_file():
+        caffemodel = caffe_full_source(name)(folder, args)
+        if caffemodel is None:
             return None
-        shapes = json.loads((src / f"{name}_shapes.json").read_text())
+        shapes = json.loads((caffemodel.parent / f"{name}_shapes.json").read_text())
         prototxt = TESTS / "data" / "caffe" / "published" / PUBLISHED[name]
-        return npy_from_caffemodel(src / f"{name}.caffemodel", shapes, prototxt, folder / f"{name}.npy")
+        return npy_from_caffemodel(caffemodel, shapes, prototxt, folder / f"{name}.npy")
     return make
 
 

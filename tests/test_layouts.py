@@ -115,8 +115,12 @@ def test_plain_arrays_are_written_exactly_from_either_thread_and_nan_is_caught(t
     tensors = {name: rng.standard_normal(t.shape, np.float32) for name, t in spec.tensors.items()}
     monkeypatch.setattr(zoo.weights, "_POOLED", tensors["fc.kernel"].nbytes)
     where, place = {}, zoo.weights._Placer.place
-    monkeypatch.setattr(zoo.weights._Placer, "place", lambda self, item: where.setdefault(item[0], threading.current_thread())
-                        and place(self, item))
+
+    def recorded(self, item):  # which thread placed each tensor
+        where[item[0]] = threading.current_thread()
+        return place(self, item)
+
+    monkeypatch.setattr(zoo.weights._Placer, "place", recorded)
     if bad:
         tensors[bad].reshape(-1)[-1] = np.inf
     got = _saved_or_refused(tmp_path, spec, tensors, bad)
