@@ -23,9 +23,10 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 
 # two workers (pytest-xdist) where there are two CPUs: 7-8 min instead of 11.5 on 2 cores; at most two, as each
-# may hold a full-size model beside TensorFlow (5.8 GB peak)
+# may hold a full-size model beside TensorFlow (5.8 GB peak). loadgroup: the tests that write full-size VGG16
+# files share one worker (tests/conftest.py, VGG16_FILES), so the disk holds one such set at a time
 test: lint
-	$(BIN)/pytest -q -n auto --maxprocesses 2
+	$(BIN)/pytest -q -n auto --maxprocesses 2 --dist loadgroup
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_convert.py

@@ -1,11 +1,11 @@
 """Write Keras 2 files with real Keras 2 (tf-keras): run as a script, in its own process.
 
-    python tests/keras2_writer.py NAME SEED CROPS.npy FOLDER
+    python tests/keras2_writer.py NAME SEED CROPS.npy FOLDER KINDS
 
 builds `tf_keras.applications.<NAME>(weights=None)` seeded by `tf_keras.utils.set_random_seed(SEED)`, makes its
-weights tell the photos in CROPS.npy (uint8, NxHxWx3 RGB) apart, saves it as Keras Applications' published
-files were saved (`model.save_weights("....h5")`, the legacy h5 format) and as a whole model
-(`model.save("....h5")`: the weights under `model_weights`), and writes `reference.npz` in FOLDER: the input
+weights tell the photos in CROPS.npy (uint8, NxHxWx3 RGB) apart, saves it in each of KINDS (comma-separated):
+`weights` as Keras Applications' published files were saved (`model.save_weights("....h5")`, the legacy h5
+format), `model` as a whole model (`model.save("....h5")`: the weights under `model_weights`), and writes `reference.npz` in FOLDER: the input
 after tf_keras' own `preprocess_input` (`x`), tf_keras' logits (`logits`, its softmax head made linear) and
 probabilities (`probs`), and tf_keras' version.
 
@@ -62,7 +62,7 @@ def scale_convs(tf_keras, model, x) -> None:
         x = layer(x)
 
 
-def main(name: str, seed: int, crops_path: str, folder: str) -> None:
+def main(name: str, seed: int, crops_path: str, folder: str, kinds: list[str]) -> None:
     import tf_keras
 
     folder = Path(folder)
@@ -77,8 +77,9 @@ def main(name: str, seed: int, crops_path: str, folder: str) -> None:
         scale_convs(tf_keras, model, x)
     head = model.get_layer("predictions")
     set_head(head, tf_keras.Model(model.input, head.input)(x, training=False).numpy())
-    model.save_weights(str(folder / FILES["weights"].format(name)))
-    model.save(str(folder / FILES["model"].format(name)))
+    save = {"weights": model.save_weights, "model": model.save}
+    for kind in kinds:
+        save[kind](str(folder / FILES[kind].format(name)))
     probs = model(x, training=False).numpy()
     head.activation = tf_keras.activations.linear  # eager calls read it each time
     logits = model(x, training=False).numpy()
@@ -90,4 +91,4 @@ if __name__ == "__main__":
     import warnings
 
     warnings.filterwarnings("ignore", message=".*HDF5 file.*legacy", category=UserWarning)
-    main(sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4])
+    main(sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5].split(","))

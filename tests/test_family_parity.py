@@ -27,7 +27,7 @@ from collections import OrderedDict
 
 import numpy as np
 import pytest
-from conftest import DATA
+from conftest import DATA, VGG16_FILES
 from narrow import CAFFE_NETS, register_narrow_specs
 from seeded import torchvision_state
 
@@ -38,12 +38,11 @@ PHOTOS = DATA / "photos"
 TORCH_NETS = ("resnet50", "vgg16", "alexnet")
 RUNTIMES = ("keras", "onnx")
 READERS = ("opencv", "openvino")  # other programs' ONNX readers
-SLOW = {"vgg16"}
 BOUND = 1e-4
 
 
 def _marks(name):
-    return [pytest.mark.slow] if name in SLOW else []
+    return [pytest.mark.slow] if name == "vgg16" else []
 
 
 # --- helpers ----------------------------------------------------------------------------------------
@@ -290,7 +289,8 @@ def torch_converted(module_folder):
     return get
 
 
-TORCH_CASES = [pytest.param(name, runtime, id=f"{name}-{runtime}", marks=_marks(name)) for name in TORCH_NETS for runtime in RUNTIMES]
+TORCH_CASES = [pytest.param(name, runtime, id=f"{name}-{runtime}", marks=VGG16_FILES if name == "vgg16" else ())
+               for name in TORCH_NETS for runtime in RUNTIMES]
 TORCH_CASES += [pytest.param(name, reader, id=f"{name}-{reader}") for name in ("resnet50", "alexnet") for reader in READERS]
 
 

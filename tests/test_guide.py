@@ -33,10 +33,11 @@ def guide_folder(module_folder, seeded_npy, seeded_safetensors):
     os.environ["ZOO_HOME"] = str(folder / "store")
     store.add(seeded_npy)
     torch.save(OrderedDict((k, torch.from_numpy(v)) for k, v in torchvision_state("resnet50").items()), folder / "resnet50.pth")
-    store.add(folder / "resnet50.pth")
     keras.utils.set_random_seed(0)
     keras.applications.ResNet50(weights=None).save_weights(folder / "resnet50.weights.h5")
-    store.add(folder / "resnet50.weights.h5")
+    for path in (folder / "resnet50.pth", folder / "resnet50.weights.h5"):
+        store.add(path)
+        path.unlink()  # the store holds its converted copy
     yield folder
     os.environ.pop("ZOO_HOME") if old is None else os.environ.__setitem__("ZOO_HOME", old)
 

@@ -144,7 +144,6 @@ class ResNet:
         self.order = list(self.weights)  # Keras 3's model.layers order of the weighted layers
         self.archive = folder / "resnet50.keras"
         model.save(self.archive)
-        self.folder = folder
 
 
 @pytest.fixture(scope="module")
@@ -157,8 +156,8 @@ def keras2_model():
     return keras2_resnet50()
 
 
-def test_keras_archive_of_resnet50_converts_exactly(resnet, cli):
-    out = resnet.folder / "archive.safetensors"
+def test_keras_archive_of_resnet50_converts_exactly(resnet, cli, tmp_path):
+    out = tmp_path / "archive.safetensors"
     code, stdout, err = cli("convert", resnet.archive, "-o", out)  # the source found by sniffing the zip
     assert code == 0, err
     assert ": resnet50@keras (fingerprint" in stdout and "by order" not in stdout
@@ -176,7 +175,7 @@ def assert_keras_tensors(path, weights):
 
 
 @pytest.mark.parametrize("writer", ["keras2", "keras1", "keras3-auto-names"])
-def test_legacy_resnet50_converts_by_keras_order(writer, resnet, keras2_model, cli):
+def test_legacy_resnet50_converts_by_keras_order(writer, resnet, keras2_model, cli, tmp_path):
     """Keras 2.2's and Keras 1's ResNet50 files (old names, Keras 2.2's order), and a file in Keras 3's order whose
     names match nothing (Keras' auto names): each maps to resnet50@keras in the order Keras loads it. The tensors
     are compared (the first test relates them to Keras' forward); Keras' own reading is checked once."""
@@ -188,12 +187,12 @@ def test_legacy_resnet50_converts_by_keras_order(writer, resnet, keras2_model, c
         names = [layer.name for layer in keras2_model.layers]  # Keras 2's writer's order: its model.layers
         weights = {old_resnet_name(n): v for n, v in resnet.weights.items()}
         name_of = keras1_name if writer == "keras1" else keras2_name
-    path = resnet.folder / f"{writer}.h5"
+    path = tmp_path / f"{writer}.h5"
     write_legacy_h5(path, names, weights, name_of, None if writer == "keras1" else "2.1.6")
     if writer == "keras2":  # Keras itself reads the file into the network that wrote it, by order
         keras2_model.load_weights(path)
         assert relative_error(keras2_model(resnet.x, training=False), resnet.logits) <= 1e-4
-    out = resnet.folder / f"{writer}.safetensors"
+    out = tmp_path / f"{writer}.safetensors"
     code, stdout, err = cli("convert", path, "-o", out)
     assert code == 0, err
     assert ": resnet50@keras (fingerprint" in stdout and "as Keras lists resnet50@keras's graph" in stdout
@@ -203,13 +202,13 @@ def test_legacy_resnet50_converts_by_keras_order(writer, resnet, keras2_model, c
     assert_keras_tensors(out, resnet.weights)
 
 
-def test_resnet50_without_its_classifier_is_named(resnet, keras2_model, cli):
+def test_resnet50_without_its_classifier_is_named(resnet, keras2_model, cli, tmp_path):
     """resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5: no spec is headless, and the error says what the file is."""
     names = [layer.name for layer in keras2_model.layers if layer.name != "fc1000"]
     weights = {old_resnet_name(n): v for n, v in resnet.weights.items() if n != "predictions"}
-    path = resnet.folder / "resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5"
+    path = tmp_path / "resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5"
     write_legacy_h5(path, names, weights, keras2_name, "2.1.6")
-    code, _, err = cli("convert", path, "-o", resnet.folder / "notop.safetensors")
+    code, _, err = cli("convert", path, "-o", tmp_path / "notop.safetensors")
     assert code == 1 and err.count("\n") == 1, err
     assert "resnet50@keras without its classifier predictions" in err and "no registered spec is headless" in err
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import DATA
+from conftest import DATA, VGG16_FILES
 from test_keras_applications import MODELS, fill, keras_preprocess, photo_crops
 
 from zoo import ZooError
@@ -55,6 +55,7 @@ def build_reference(name: str, folder: Path) -> Reference:
     fill(full, seed)
     full.save_weights(folder / f"{name}.weights.h5")
     weights = zoo.convert(folder / f"{name}.weights.h5", source="h5", output=folder / f"{name}.safetensors", spec=spec_id).output
+    (folder / f"{name}.weights.h5").unlink()  # 553 MB for VGG16, read once
     names = INTERMEDIATE[name]
     taps = keras.Model(full.input, [full.get_layer(k).output for k in names.values()])
     intermediate = dict(zip(names, (np.asarray(t) for t in taps(x, training=False))))
@@ -167,7 +168,9 @@ def test_onnx_input_size_is_free_only_where_the_graph_is_the_same_at_every_size(
 # --- against Keras Applications ------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name, pooling", [("resnet50", None), ("resnet50", "max"), ("vgg16", None), ("vgg16", "avg")])
+@pytest.mark.parametrize("name, pooling", [("resnet50", None), ("resnet50", "max"),
+                                           pytest.param("vgg16", None, marks=VGG16_FILES),
+                                           pytest.param("vgg16", "avg", marks=VGG16_FILES)])
 def test_headless_model_at_another_size_is_keras_applications_include_top_false(name, pooling, request):
     import keras
 
@@ -182,7 +185,7 @@ def test_headless_model_at_another_size_is_keras_applications_include_top_false(
     keras.backend.clear_session()
 
 
-@pytest.mark.parametrize("name", ["resnet50", "vgg16"])
+@pytest.mark.parametrize("name", ["resnet50", pytest.param("vgg16", marks=VGG16_FILES)])
 def test_named_outputs_are_the_full_models_intermediate_tensors(name, request):
     import keras
 
