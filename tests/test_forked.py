@@ -51,3 +51,28 @@ def test_the_childs_exceptions_are_raised_in_the_parent(tmp_path, raised, caught
         assert e.value.path == "/x/w.npy"
     if caught is RuntimeError:  # a bug: its name, and the child's traceback for --debug
         assert str(e.value).startswith("KeyError") and "in the forked reader" in e.value.__notes__[0]
+
+
+def test_the_parents_garbage_is_not_collected_in_the_child(tmp_path):
+    """Finalizers of the parent's objects (TensorFlow's, PyTorch's) may call into runtimes whose threads did not
+    survive the fork: the child's collections leave them alone. Here a finalizer that kills any process but
+    the parent: the child collects, and must come back whole."""
+    import gc
+
+    parent = os.getpid()
+
+    class Finalized:
+        def __del__(self):
+            if os.getpid() != parent:
+                os.kill(os.getpid(), signal.SIGSEGV)
+
+    gc.disable()  # the cycle must still be garbage when the child starts
+    try:
+        cycle = Finalized()
+        cycle.itself = cycle
+        del cycle
+        result = run_forked(lambda: {"collected": gc.collect()}, tmp_path / "src", tmp_path)
+    finally:
+        gc.enable()
+    assert result["collected"] == 0
+    assert gc.collect() >= 2  # the parent's own collection takes the cycle (the object and its __dict__)

@@ -10,6 +10,7 @@ the parent's own streams as they come.
 from __future__ import annotations
 
 import faulthandler
+import gc
 import json
 import os
 import signal
@@ -28,10 +29,15 @@ def run_forked(work: Callable[[], dict], source, output_folder) -> dict:
     if not hasattr(os, "fork"):  # Windows: no fork; the crash stays possible there
         return work()
     read_end, write_end = os.pipe()
+    # The parent's objects are frozen out of the child's garbage collections: finalizers of TensorFlow's or
+    # PyTorch's objects call into runtimes whose threads did not survive the fork (a test worker's child died of
+    # SIGSEGV once on a valid file). The child ends by os._exit, which runs no finalizer either.
+    gc.freeze()
     pid = os.fork()
     if pid == 0:  # the child: never returns into the caller's code
         os.close(read_end)
         os._exit(_child(work, os.fdopen(write_end, "w", encoding="utf-8")))
+    gc.unfreeze()
     os.close(write_end)
     try:
         outcome = _relay(os.fdopen(read_end, encoding="utf-8"))
