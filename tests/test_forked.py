@@ -76,3 +76,18 @@ def test_the_parents_garbage_is_not_collected_in_the_child(tmp_path):
         gc.enable()
     assert "collected" in result
     assert gc.collect() >= 2  # the cycle was still garbage at the fork: the parent's collection takes it now
+
+
+def test_a_crash_of_the_child_is_a_bug_with_its_python_stack_and_a_kill_is_an_error(tmp_path):
+    def crash_here():
+        os.kill(os.getpid(), signal.SIGSEGV)
+
+    with pytest.raises(RuntimeError, match=r"src.npy: the reading process crashed \(SIGSEGV\); nothing was written") as e:
+        run_forked(crash_here, tmp_path / "src.npy", tmp_path)
+    stack = e.value.__notes__[0]
+    assert stack.startswith("in the forked reader:") and "Segmentation fault" in stack and "in crash_here" in stack, stack
+
+    with pytest.raises(ZooError, match="reading was stopped by SIGKILL; nothing was written") as e:
+        run_forked(lambda: os.kill(os.getpid(), signal.SIGKILL), tmp_path / "src.npy", tmp_path)
+    assert e.value.path == str(tmp_path / "src.npy")
+    assert os.listdir(tmp_path) == []
