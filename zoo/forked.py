@@ -37,7 +37,11 @@ def run_forked(work: Callable[[], dict], source, output_folder) -> dict:
         # PyTorch's objects call into runtimes whose threads did not survive the fork (a test worker's child died
         # of SIGSEGV once on a valid file). The child ends by os._exit, which runs no finalizer either.
         gc.freeze()
-        pid = os.fork()
+        try:
+            pid = os.fork()
+        except OSError:  # no child (out of memory or processes): nothing stays frozen
+            gc.unfreeze()
+            raise
         if pid == 0:  # the child: never returns into the caller's code
             os.close(read_end)
             os._exit(_child(work, os.fdopen(write_end, "w", encoding="utf-8"), crash_stack))
