@@ -23,13 +23,13 @@ def allocated(folder: Path) -> dict[str, int]:
     """Bytes on disk under each entry two levels down (worker folder / test folder); files counted once."""
     sizes: dict[str, int] = {}
     for root, _, files in os.walk(folder):
-        parts = Path(root).relative_to(folder).parts[:2]
+        key = "/".join(Path(root).relative_to(folder).parts[:2])
         for name in files:
             try:
                 blocks = os.lstat(os.path.join(root, name)).st_blocks
             except OSError:  # removed while we looked
                 continue
-            sizes["/".join(parts)] = sizes.get("/".join(parts), 0) + blocks * 512
+            sizes[key] = sizes.get(key, 0) + blocks * 512
     return sizes
 
 

@@ -83,7 +83,6 @@ def _saved_or_refused(folder, spec, tensors: dict, bad: str | None) -> dict | No
 
 @pytest.mark.parametrize("bad", [None, "conv.kernel", "fc.kernel"])
 def test_transforms_are_written_exactly_and_nan_is_caught_on_either_path(tmp_path, bad):
-
     from zoo.layouts import rows_to_canonical
 
     spec = _two_size_spec()

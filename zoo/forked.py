@@ -39,13 +39,11 @@ def run_forked(work: Callable[[], dict], source, output_folder) -> dict:
         gc.freeze()
         try:
             pid = os.fork()
-        except OSError:  # no child (out of memory or processes): nothing stays frozen
+            if pid == 0:  # the child: never returns into the caller's code
+                os.close(read_end)
+                os._exit(_child(work, os.fdopen(write_end, "w", encoding="utf-8"), crash_stack))
+        finally:  # the parent's, also when no child could be made
             gc.unfreeze()
-            raise
-        if pid == 0:  # the child: never returns into the caller's code
-            os.close(read_end)
-            os._exit(_child(work, os.fdopen(write_end, "w", encoding="utf-8"), crash_stack))
-        gc.unfreeze()
         os.close(write_end)
         try:
             outcome = _relay(os.fdopen(read_end, encoding="utf-8"))
